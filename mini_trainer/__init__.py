@@ -1,0 +1,30 @@
+"""mini_trainer: a small, hackable PyTorch training framework.
+
+Subclass `BaseTrainer` (or pass ready objects to it), add hooks, train. See README.md.
+"""
+
+from .builder import REGISTRY, Registry, build_from_cfg
+from .classification import ClassificationTrainer
+from .config import load_config
+from .hooks import BaseHook, LoggingHook, ProgressHook
+from .trainer import BaseTrainer, NonFiniteGradientError
+from .utils import key_average, map_nested_tensor, unwrap
+from . import datasets, models, schedules  # noqa: F401  (register their builders)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseTrainer",
+    "NonFiniteGradientError",
+    "ClassificationTrainer",
+    "BaseHook",
+    "ProgressHook",
+    "LoggingHook",
+    "REGISTRY",
+    "Registry",
+    "build_from_cfg",
+    "load_config",
+    "key_average",
+    "map_nested_tensor",
+    "unwrap",
+]

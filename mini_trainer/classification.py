@@ -1,0 +1,143 @@
+"""ClassificationTrainer: a config-driven BaseTrainer for `(inputs, labels)` batches.
+
+It is what `configs/digits_mlp.py` runs, and a worked example of the subclass API: each
+`build_*` builds one thing from its `*_cfg` dict (see `mini_trainer.builder`), `forward`
+returns the loss plus an accuracy record that stays on the device, and `evaluate()` scores
+every held-out split with one host transfer at the end.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed
+from .builder import REGISTRY, build_from_cfg, resolve_type
+from .trainer import BaseTrainer
+from .utils import check_number
+
+
+@REGISTRY.register()
+class ClassificationTrainer(BaseTrainer):
+    """Cross-entropy classification from configs.
+
+    Args:
+        model_cfg: config of the model (or a ready `nn.Module`).
+        optimizer_cfg: config of the optimizer, built with `params=model.parameters()`.
+        data_cfg: config of a loader, or of a callable returning `{"train": loader,
+            <split>: loader, ...}`; the other splits are scored by `evaluate()`.
+        lr_scheduler_cfg: optional scheduler config, built with `optimizer=`; a scheduler
+            that takes `total_steps` gets `max_steps` unless the config sets it.
+        label_smoothing: passed to `F.cross_entropy`.
+        **kwargs: BaseTrainer keywords (max_steps, grad_clip, mixed_precision, hooks, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        model_cfg: Mapping[str, Any] | nn.Module,
+        optimizer_cfg: Mapping[str, Any],
+        data_cfg: Mapping[str, Any],
+        lr_scheduler_cfg: Mapping[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        for name, cfg in (("model_cfg", model_cfg), ("optimizer_cfg", optimizer_cfg), ("data_cfg", data_cfg)):
+            if not (isinstance(cfg, Mapping) or (name == "model_cfg" and isinstance(cfg, nn.Module))):
+                raise TypeError(f"{name} must be a config dict with a 'type' key; got {type(cfg).__name__}")
+        if lr_scheduler_cfg is not None and not isinstance(lr_scheduler_cfg, Mapping):
+            raise TypeError(f"lr_scheduler_cfg must be a config dict or None; got {type(lr_scheduler_cfg).__name__}")
+        check_number("label_smoothing", label_smoothing)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
+        self.model_cfg = model_cfg
+        self.optimizer_cfg = optimizer_cfg
+        self.data_cfg = data_cfg
+        self.lr_scheduler_cfg = lr_scheduler_cfg
+        self.label_smoothing = label_smoothing
+        self.eval_loaders: dict[str, Iterable] = {}
+
+    def build_model(self) -> nn.Module:
+        if isinstance(self.model_cfg, nn.Module):
+            return self.model_cfg
+        return build_from_cfg(self.model_cfg)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return build_from_cfg(self.optimizer_cfg, params=self.model.parameters())
+
+    def build_lr_scheduler(self) -> Any:
+        if self.lr_scheduler_cfg is None:
+            return None
+        cfg = dict(self.lr_scheduler_cfg)
+        factory = resolve_type(cfg.get("type"))
+        if "total_steps" not in cfg and "total_steps" in _parameters(factory):
+            if self.max_steps is None:
+                raise ValueError("lr_scheduler_cfg needs total_steps when max_steps is None")
+            cfg["total_steps"] = self.max_steps
+        return build_from_cfg(cfg, optimizer=self.optimizer)
+
+    def build_data_loader(self) -> Iterable:
+        loaders = build_from_cfg(self.data_cfg)
+        if isinstance(loaders, Mapping):
+            if "train" not in loaders:
+                raise KeyError(f"data_cfg built a dict without a 'train' loader (keys: {', '.join(loaders)})")
+            self.eval_loaders = {k: v for k, v in loaders.items() if k != "train"}
+            return loaders["train"]
+        return loaders
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs, labels = batch
+        logits = self.model(inputs)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        accuracy = (logits.argmax(dim=-1) == labels).float().mean()
+        return loss, {"accuracy": accuracy.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, loaders: Mapping[str, Iterable] | None = None) -> dict[str, float]:
+        """`{"<split>_loss": ..., "<split>_accuracy": ...}` for every held-out split
+        (summed over all ranks when distributed)."""
+        self._build()
+        loaders = self.eval_loaders if loaders is None else loaders
+        model = self.model
+        was_training = model.training
+        model.eval()
+        totals = []
+        try:
+            for loader in loaders.values():
+                loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+                correct = torch.zeros((), dtype=torch.float64, device=self.device)
+                count = 0
+                for inputs, labels in loader:
+                    inputs = inputs.to(self.device, non_blocking=True)
+                    labels = labels.to(self.device, non_blocking=True)
+                    with self._autocast():
+                        logits = model(inputs)
+                    loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+                    correct += (logits.argmax(dim=-1) == labels).sum()
+                    count += labels.numel()
+                totals.append(torch.stack([loss_sum, correct, torch.tensor(float(count), dtype=torch.float64, device=self.device)]))
+        finally:
+            model.train(was_training)
+        if not totals:
+            return {}
+        stacked = torch.stack(totals)
+        if distributed.is_distributed():
+            stacked = distributed.all_reduce_sum(stacked.to(distributed.collective_device()))
+        results: dict[str, float] = {}
+        for name, (loss_sum, correct, count) in zip(loaders, stacked.tolist()):
+            results[f"{name}_loss"] = loss_sum / max(count, 1)
+            results[f"{name}_accuracy"] = correct / max(count, 1)
+        return results
+
+
+def _parameters(factory: Any) -> set[str]:
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()

@@ -1,0 +1,101 @@
+"""torch.distributed helpers: who am I, reductions that every backend supports, and
+skipping gradient all-reduce on accumulation micro-steps.
+
+Everything here degrades to the single-process answer when no process group is
+initialised, so the trainer calls it unconditionally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "collective_device",
+    "all_reduce_sum",
+    "all_reduce_mean",
+    "union_of_names",
+    "gradient_sync",
+]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def collective_device() -> torch.device:
+    """The device tensors must live on for this process group's collectives."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (returns the input unchanged in a single process)."""
+    if is_distributed():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks. SUM then divide, because ReduceOp.AVG exists only on NCCL."""
+    world = get_world_size()
+    return all_reduce_sum(tensor) / world if world > 1 else tensor
+
+
+def union_of_names(names: list[str]) -> list[str]:
+    """Every rank's metric names, in one agreed order, so that reductions line up even
+    when a record exists on some ranks only."""
+    if not is_distributed():
+        return list(names)
+    gathered: list[list[str] | None] = [None] * get_world_size()
+    dist.all_gather_object(gathered, list(names))
+    merged = dict.fromkeys(names)
+    for other in gathered:
+        merged.update(dict.fromkeys(other or []))
+    return list(merged)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Inside, backward passes all-reduce gradients only when `enabled`.
+
+    DDP and FSDP1 expose `no_sync()`; FSDP2 (`fully_shard`) modules expose
+    `set_requires_gradient_sync()` instead, and forgetting it would silently sync on every
+    micro-step. Plain modules need nothing.
+    """
+    if enabled:
+        yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):  # DDP, FSDP1
+        with model.no_sync():
+            yield
+    else:
+        yield

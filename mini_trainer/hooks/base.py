@@ -1,0 +1,74 @@
+"""The hook interface. A hook overrides any of the `on_*` methods; the trainer calls only
+the methods a hook actually overrides, so an idle hook costs nothing per step.
+
+Hooks never depend on their position in the user's list: the trainer runs them sorted by
+the class attribute `priority` (lower first, stable for equal values). Built-in hooks that
+must see another hook's result use it, e.g. EMA weights are updated before a checkpoint
+that stores them is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..trainer import BaseTrainer
+
+HOOK_EVENTS = (
+    "on_before_train",
+    "on_after_train",
+    "on_before_step",
+    "on_after_step",
+    "on_log",
+    "on_log_images",
+    "on_state_dict",
+    "on_load_state_dict",
+)
+
+
+class BaseHook:
+    """Base class for trainer hooks; every method is a no-op.
+
+    - `on_before_train(trainer)` / `on_after_train(trainer)`: once around `train()`.
+    - `on_before_step(trainer)` / `on_after_step(trainer)`: around each optimizer step;
+      `trainer.step_info` holds the step's loss, records, grad_norm, lr, timings, retries.
+    - `on_log(trainer, records, dry_run)` / `on_log_images(trainer, images, dry_run)`: fan-out
+      of `trainer.log()` / `trainer.log_images()`; `dry_run` is True on ranks that should
+      not write anything.
+    - `on_state_dict(trainer, state_dict)` / `on_load_state_dict(trainer, state_dict)`: put
+      this hook's state into `state_dict["hooks"][<a key of your own>]` and read it back.
+    """
+
+    #: Run order among hooks (lower first). Users never need to order their hook list.
+    priority: int = 0
+
+    def on_before_train(self, trainer: BaseTrainer) -> None:
+        pass
+
+    def on_after_train(self, trainer: BaseTrainer) -> None:
+        pass
+
+    def on_before_step(self, trainer: BaseTrainer) -> None:
+        pass
+
+    def on_after_step(self, trainer: BaseTrainer) -> None:
+        pass
+
+    def on_log(self, trainer: BaseTrainer, records: Mapping[str, Any], dry_run: bool = False) -> None:
+        pass
+
+    def on_log_images(self, trainer: BaseTrainer, records: Mapping[str, Any], dry_run: bool = False) -> None:
+        pass
+
+    def on_state_dict(self, trainer: BaseTrainer, state_dict: dict[str, Any]) -> None:
+        pass
+
+    def on_load_state_dict(self, trainer: BaseTrainer, state_dict: Mapping[str, Any]) -> None:
+        pass
+
+
+def overridden_events(hook: BaseHook) -> list[str]:
+    """The `on_*` methods `hook` implements itself (the ones worth calling)."""
+    cls = type(hook)
+    return [name for name in HOOK_EVENTS if getattr(cls, name) is not getattr(BaseHook, name)]

@@ -1,0 +1,159 @@
+"""ProgressHook: a live tqdm bar on a terminal, one plain line per interval otherwise
+(log files, CI, notebooks without a TTY). Only the main process prints.
+
+    Step 100/10000: step 0.2500s data 0.0100s eta 0:41:40 loss 0.5234 grad_norm 2.3400 lr 1.00e-03 | accuracy 0.9100
+
+`step` is the wall-clock time per optimizer step over the interval (on CUDA this includes
+kernels still queued when the step returned, unlike `step_info["step_time"]`), `data` the
+time spent waiting for batches, `eta` the remaining time extrapolated from the steps after
+`eta_warmup` (so compilation and warm-up do not inflate it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import sys
+import time
+from collections.abc import Mapping
+from typing import IO, TYPE_CHECKING, Any
+
+from ..builder import REGISTRY
+from ..distributed import is_main_process
+from ..utils import check_int, flatten_dict
+from .base import BaseHook
+from .metrics import StepMetrics
+
+if TYPE_CHECKING:
+    from ..trainer import BaseTrainer
+
+_MAIN_KEYS = ("loss", "grad_norm")
+
+
+@REGISTRY.register()
+class ProgressHook(BaseHook):
+    """Print progress every `interval` steps.
+
+    Args:
+        interval: steps between two progress lines (the bar itself moves every step).
+        with_records: also print the user's records (after a `|`).
+        sync: average the printed metrics across ranks (every rank must run this hook).
+        eta_warmup: steps ignored by the ETA estimate.
+        file: where to print (default: standard output).
+        bar: True/False forces the tqdm bar on/off; None uses it when `file` is a TTY.
+    """
+
+    priority = 10  # after hooks that add to step_info (e.g. memory), before checkpointing
+
+    def __init__(
+        self,
+        interval: int = 10,
+        with_records: bool = True,
+        sync: bool = False,
+        eta_warmup: int = 10,
+        file: IO[str] | None = None,
+        bar: bool | None = None,
+    ) -> None:
+        check_int("ProgressHook.interval", interval, minimum=1)
+        check_int("ProgressHook.eta_warmup", eta_warmup, minimum=0)
+        self.interval = interval
+        self.with_records = bool(with_records)
+        self.sync = bool(sync)
+        self.eta_warmup = eta_warmup
+        self.file = file
+        self.bar = bar
+        self._metrics = StepMetrics()
+        self._tqdm: Any = None
+
+    def on_before_train(self, trainer: BaseTrainer) -> None:
+        self._metrics.reset()
+        self._start_step = trainer.step
+        self._eta_anchor: tuple[int, float] | None = None
+        self._out = self.file or sys.stdout
+        self._tqdm = None
+        use_bar = self.bar if self.bar is not None else _isatty(self._out)
+        if use_bar and is_main_process():
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm(
+                total=trainer.estimated_total_steps(),
+                initial=trainer.step,
+                file=self._out,
+                dynamic_ncols=True,
+                unit="step",
+            )
+
+    def on_after_step(self, trainer: BaseTrainer) -> None:
+        self._metrics.add(trainer.step_info)
+        if self._tqdm is not None:
+            self._tqdm.update(1)
+        if self._eta_anchor is None and trainer.step - self._start_step >= self.eta_warmup:
+            self._eta_anchor = (trainer.step, time.perf_counter())
+        if trainer.step % self.interval == 0:
+            self._report(trainer)
+
+    def on_after_train(self, trainer: BaseTrainer) -> None:
+        if self._metrics.steps:
+            self._report(trainer)
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None
+
+    # ------------------------------------------------------------------ formatting
+
+    def _report(self, trainer: BaseTrainer) -> None:
+        values = self._metrics.compute(sync=self.sync)
+        self._metrics.reset()
+        if not is_main_process():
+            return
+        text = self.format(values, self._eta(trainer))
+        if self._tqdm is not None:
+            self._tqdm.set_postfix_str(text, refresh=True)
+        else:
+            total = trainer.estimated_total_steps()
+            where = f"Step {trainer.step}/{total}" if total else f"Step {trainer.step}"
+            print(f"{where}: {text}", file=self._out, flush=True)
+
+    def _eta(self, trainer: BaseTrainer) -> float | None:
+        total = trainer.estimated_total_steps()
+        if total is None or self._eta_anchor is None or trainer.step <= self._eta_anchor[0]:
+            return None
+        anchor_step, anchor_time = self._eta_anchor
+        per_step = (time.perf_counter() - anchor_time) / (trainer.step - anchor_step)
+        return max(total - trainer.step, 0) * per_step
+
+    def format(self, values: Mapping[str, Any], eta: float | None) -> str:
+        parts = []
+        if "wall_time" in values:
+            parts.append(f"step {values['wall_time']:.4f}s")
+        if "data_time" in values:
+            parts.append(f"data {values['data_time']:.4f}s")
+        if eta is not None:
+            parts.append(f"eta {datetime.timedelta(seconds=round(eta))}")
+        for key in _MAIN_KEYS:
+            if key in values:
+                parts.append(f"{key} {_fmt(values[key])}")
+        if "lr" in values:
+            parts.append(f"lr {values['lr']:.2e}")
+        if values.get("retries"):
+            parts.append(f"retries {values['retries']:.2f}")
+        text = " ".join(parts)
+        if self.with_records:
+            skip = {*_MAIN_KEYS, "lr", "wall_time", "data_time", "step_time", "retries"}
+            extra = {k: v for k, v in flatten_dict(values).items() if k not in skip}
+            if extra:
+                text += " | " + " ".join(f"{k} {_fmt(v)}" for k, v in extra.items())
+        return text
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value) and value != 0 and abs(value) < 1e-3:
+        return f"{value:.3e}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False

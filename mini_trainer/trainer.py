@@ -1,0 +1,756 @@
+"""BaseTrainer: the step loop, told top to bottom.
+
+A user either subclasses and implements `build_data_loader`, `build_model`,
+`build_optimizer` and `forward`, or passes ready objects (`model=`, `optimizer=`,
+`data_loader=`, `forward_fn=`). One optimizer step is:
+
+    for each of the N = gradient_accumulation_steps micro-steps:
+        batch = next(data)                              # epochs roll over, set_epoch() is called
+        with gradient sync only on the last micro-step, under autocast:
+            loss, records = self.forward(batch)
+        self.backward(loss)                             # (loss / N).backward(), scaled for fp16
+    self.optimizer_step()                               # unscale, clip + grad norm, ONE finite check,
+                                                        # step, zero_grad(set_to_none), scheduler
+
+Losses and records stay on the device; hooks reduce them when they report. The only host
+read in the loop is the non-finite check's single boolean per step (switch it off with
+`max_non_finite_grad_retries=None`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed
+from .hooks.base import HOOK_EVENTS, BaseHook, overridden_events
+from .hooks.metrics import StepMetrics
+from .precision import autocast_factory, default_grad_scaler, resolve_precision
+from .utils import check_int, check_number, flatten_dict, map_nested_tensor, unflatten_dict, unwrap
+
+__all__ = ["BaseTrainer", "NonFiniteGradientError"]
+
+ForwardOutput = tuple["torch.Tensor | None", Mapping[str, Any]]
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Gradients stayed NaN/inf after `max_non_finite_grad_retries` fresh attempts."""
+
+
+class _EndOfData:
+    """Returned by `_next_batch` when the epoch limit is reached mid-step."""
+
+
+_END_OF_DATA = _EndOfData()
+
+
+class BaseTrainer:
+    """The training loop. Subclass it, or pass ready objects.
+
+    Args:
+        max_steps: optimizer steps to train for (None: until `max_epochs`).
+        max_epochs: passes over a finite data loader (None: until `max_steps`).
+        grad_clip: clip the global gradient norm to this value (None: no clipping).
+        max_non_finite_grad_retries: when a step's gradients are NaN/inf, discard them and
+            redo the step with fresh batches up to this many times in a row, then raise
+            `NonFiniteGradientError` naming the step. 0 raises at once. None skips the check
+            (no host read per step; the optimizer then applies whatever it gets). With fp16
+            the GradScaler owns non-finite steps: it skips them and lowers its scale.
+        mixed_precision: "fp16", "bf16", "auto" or None (see `mini_trainer.precision`).
+        gradient_accumulation_steps: micro-batches per optimizer step; the loss is scaled
+            by 1/N so gradients equal one N-times bigger batch.
+        workspace: directory for metrics.jsonl, checkpoints and other run files.
+        device: "auto" (cuda > mps > cpu), a device string, a `torch.device` or a CUDA index.
+        no_sync_accumulate: skip the gradient all-reduce on non-final micro-steps (DDP and
+            FSDP1 `no_sync()`, FSDP2 `set_requires_gradient_sync(False)`).
+        state_dict_options: `torch.distributed.checkpoint.state_dict.StateDictOptions` used
+            for the model/optimizer state (FSDP full or sharded state dicts).
+        logger: a `logging.Logger` (default: the "mini_trainer" logger).
+        seed: seeds python, numpy and torch before anything is built (None: don't seed).
+        compile: wrap the model with `torch.compile` (True, or a dict of compile kwargs).
+        model, optimizer, data_loader, lr_scheduler, grad_scaler, hooks: ready objects that
+            the default `build_*` methods return.
+        forward_fn: `forward_fn(model, batch) -> loss | (loss, records)`, used by the
+            default `forward`.
+
+    Attributes: `step` (optimizer steps done), `epoch` (current pass over the data),
+    `model`, `optimizer`, `lr_scheduler`, `grad_scaler`, `data_loader`, `hooks`, `device`,
+    `step_info` (the current step's loss, records, grad_norm, lr, data_time, step_time,
+    retries: the blackboard hooks read), `should_stop` (set it to end training after the
+    current step).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_steps: int | None = None,
+        max_epochs: int | None = None,
+        grad_clip: float | None = None,
+        max_non_finite_grad_retries: int | None = 0,
+        mixed_precision: str | None = None,
+        gradient_accumulation_steps: int = 1,
+        workspace: str | Path | None = None,
+        device: str | torch.device | int = "auto",
+        no_sync_accumulate: bool = True,
+        state_dict_options: Any = None,
+        logger: logging.Logger | None = None,
+        seed: int | None = None,
+        compile: bool | Mapping[str, Any] = False,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        data_loader: Iterable | None = None,
+        lr_scheduler: Any = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        hooks: Sequence[BaseHook] | None = None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    ) -> None:
+        check_int("max_steps", max_steps, minimum=0, allow_none=True)
+        check_int("max_epochs", max_epochs, minimum=0, allow_none=True)
+        check_number("grad_clip", grad_clip, positive=True, allow_none=True)
+        check_int("max_non_finite_grad_retries", max_non_finite_grad_retries, minimum=0, allow_none=True)
+        check_int("gradient_accumulation_steps", gradient_accumulation_steps, minimum=1)
+        check_int("seed", seed, allow_none=True)
+        _check_optional_type("workspace", workspace, (str, Path))
+        _check_optional_type("logger", logger, logging.Logger)
+        _check_optional_type("model", model, nn.Module)
+        _check_optional_type("optimizer", optimizer, torch.optim.Optimizer)
+        _check_optional_type("grad_scaler", grad_scaler, torch.amp.GradScaler)
+        if not isinstance(compile, (bool, Mapping)):
+            raise TypeError(f"compile must be a bool or a dict of torch.compile keywords; got {compile!r}")
+        if forward_fn is not None and not callable(forward_fn):
+            raise TypeError(f"forward_fn must be callable as forward_fn(model, batch); got {forward_fn!r}")
+        if hooks is not None and not isinstance(hooks, (list, tuple)):
+            raise TypeError(f"hooks must be a list of BaseHook instances; got {type(hooks).__name__}")
+        if state_dict_options is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+            _check_optional_type("state_dict_options", state_dict_options, StateDictOptions)
+
+        self.device = resolve_device(device)
+        self.autocast_dtype = resolve_precision(mixed_precision, self.device)
+        self.mixed_precision = mixed_precision
+        self.max_steps = max_steps
+        self.max_epochs = max_epochs
+        self.grad_clip = grad_clip
+        self.max_non_finite_grad_retries = max_non_finite_grad_retries
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.workspace = Path(workspace) if workspace is not None else None
+        self.no_sync_accumulate = bool(no_sync_accumulate)
+        self.state_dict_options = state_dict_options
+        self.logger = logger or logging.getLogger("mini_trainer")
+        self.seed = seed
+        self.compile = compile
+        self.forward_fn = forward_fn
+        self._given = {
+            "model": model,
+            "optimizer": optimizer,
+            "data_loader": data_loader,
+            "lr_scheduler": lr_scheduler,
+            "grad_scaler": grad_scaler,
+            "hooks": list(hooks) if hooks is not None else None,
+        }
+
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0  # batches drawn from the current epoch
+        self.step_info: dict[str, Any] = {}
+        self.should_stop = False
+        self.model: nn.Module = None  # type: ignore[assignment]
+        self.optimizer: torch.optim.Optimizer = None  # type: ignore[assignment]
+        self.lr_scheduler: Any = None
+        self.grad_scaler: torch.amp.GradScaler | None = None
+        self.data_loader: Iterable = None  # type: ignore[assignment]
+        self.hooks: list[BaseHook] = []
+        self._built = False
+        self._data_iter: Iterator | None = None
+
+    # ======================================================================= build
+
+    def build_data_loader(self) -> Iterable:
+        """Any iterable of batches; a finite one is restarted every epoch."""
+        return self._given_or_missing("data_loader")
+
+    def build_model(self) -> nn.Module:
+        """The model (moved to `self.device` by the trainer afterwards)."""
+        return self._given_or_missing("model")
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over `self.model`'s parameters (the model is built first)."""
+        return self._given_or_missing("optimizer")
+
+    def build_lr_scheduler(self) -> Any:
+        """An LR scheduler stepped once per optimizer step, or None."""
+        return self._given["lr_scheduler"]
+
+    def build_grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A GradScaler; by default one for fp16 (also on CPU) and None otherwise."""
+        if self._given["grad_scaler"] is not None:
+            return self._given["grad_scaler"]
+        return default_grad_scaler(self.device, self.autocast_dtype)
+
+    def build_hooks(self) -> list[BaseHook]:
+        """Hooks for this run (their order does not matter)."""
+        return list(self._given["hooks"] or [])
+
+    def _given_or_missing(self, name: str) -> Any:
+        value = self._given[name]
+        if value is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no {name}: pass {name}=... to the constructor "
+                f"or override build_{name}()"
+            )
+        return value
+
+    def _build(self) -> None:
+        """Build everything once, in dependency order: seed -> model -> optimizer ->
+        scheduler -> scaler -> data -> hooks. Seeding first makes initial weights and the
+        data order reproducible."""
+        if self._built:
+            return
+        if self.seed is not None:
+            seed_everything(self.seed)
+        if self.workspace is not None and distributed.is_main_process():
+            self.workspace.mkdir(parents=True, exist_ok=True)
+
+        model = self.build_model()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"build_model() must return an nn.Module; got {type(model).__name__}")
+        self.model = model.to(self.device)
+        self.optimizer = self.build_optimizer()
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(f"build_optimizer() must return a torch.optim.Optimizer; got {type(self.optimizer).__name__}")
+        self.lr_scheduler = self.build_lr_scheduler()
+        if self.lr_scheduler is not None and not callable(getattr(self.lr_scheduler, "step", None)):
+            raise TypeError(f"build_lr_scheduler() must return an object with step(); got {self.lr_scheduler!r}")
+        self.grad_scaler = self.build_grad_scaler()
+        self.data_loader = self.build_data_loader()
+        if not isinstance(self.data_loader, Iterable):
+            raise TypeError(f"build_data_loader() must return an iterable of batches; got {type(self.data_loader).__name__}")
+        self.hooks = self._prepare_hooks(self.build_hooks())
+        if self.compile:
+            kwargs = dict(self.compile) if isinstance(self.compile, Mapping) else {}
+            self.model = torch.compile(self.model, **kwargs)
+
+        self._autocast = autocast_factory(self.device, self.autocast_dtype)
+        self._scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._move_batch = self.device.type != "cpu"
+        self._built = True
+
+    def _prepare_hooks(self, hooks: Sequence[BaseHook]) -> list[BaseHook]:
+        for i, hook in enumerate(hooks):
+            if not isinstance(hook, BaseHook):
+                raise TypeError(f"hooks[{i}] must be a BaseHook instance; got {type(hook).__name__}")
+        ordered = sorted(hooks, key=lambda h: h.priority)  # stable: equal priorities keep user order
+        # Per event, only the hooks that implement it: an idle hook costs nothing per step.
+        self._hooks_for = {event: [] for event in HOOK_EVENTS}
+        for hook in ordered:
+            for event in overridden_events(hook):
+                self._hooks_for[event].append(getattr(hook, event))
+        return ordered
+
+    def _call_hooks(self, event: str, *args: Any) -> None:
+        for method in self._hooks_for[event]:
+            method(self, *args)
+
+    # ======================================================================= the loop
+
+    def train(self) -> None:
+        """Train until `max_steps` optimizer steps or `max_epochs` epochs (whichever first),
+        or until a hook sets `should_stop`."""
+        self._build()
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("train() needs a limit: set max_steps or max_epochs (or call fit(steps=..., epochs=...))")
+        self.should_stop = False
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._call_hooks("on_before_train")
+        while not self._finished():
+            self._run_step()
+        self._call_hooks("on_after_train")
+
+    def _finished(self) -> bool:
+        if self.should_stop:
+            return True
+        if self.max_steps is not None and self.step >= self.max_steps:
+            return True
+        if self.max_epochs is None:
+            return False
+        self._roll_over_if_epoch_done()
+        return self.epoch >= self.max_epochs
+
+    def _run_step(self) -> None:
+        """One optimizer step, redone with fresh batches while gradients are non-finite."""
+        # A fresh dict per step: hooks may keep a reference to the previous one.
+        info = self.step_info = {"retries": 0}
+        self._call_hooks("on_before_step")
+        started = time.perf_counter()
+        while True:
+            if not self._accumulate_gradients(info):
+                self.should_stop = True  # the epoch limit was reached before any micro-batch
+                return
+            if self.optimizer_step():
+                break
+            info["retries"] += 1
+            if info["retries"] > self.max_non_finite_grad_retries:
+                raise NonFiniteGradientError(
+                    f"non-finite gradients at step {self.step + 1} (epoch {self.epoch}): "
+                    f"{info['retries']} attempt(s) in a row, max_non_finite_grad_retries="
+                    f"{self.max_non_finite_grad_retries}; check the learning rate, the data "
+                    "and the loss, or raise the limit"
+                )
+            self.logger.warning("non-finite gradients at step %d; retrying with fresh batches", self.step + 1)
+        self.step += 1
+        info["step_time"] = time.perf_counter() - started
+        self._call_hooks("on_after_step")
+
+    def _accumulate_gradients(self, info: dict[str, Any]) -> bool:
+        """Run the micro-steps of one optimizer step; False when no batch was left."""
+        n = self.gradient_accumulation_steps
+        losses: list[torch.Tensor] = []
+        all_records: list[Mapping[str, Any]] = []
+        data_time = 0.0
+        for micro_step in range(n):
+            fetch_start = time.perf_counter()
+            batch = self._next_batch()
+            data_time += time.perf_counter() - fetch_start
+            if batch is _END_OF_DATA:
+                break
+            # All-reducing gradients is only useful once they are complete.
+            sync = micro_step == n - 1 or not self.no_sync_accumulate
+            with distributed.gradient_sync(self.model, sync) if n > 1 else _NULL:
+                with self._autocast():
+                    loss, records = self._check_forward_output(self.forward(batch))
+                if loss is not None:
+                    self.backward(loss)
+                    losses.append(loss.detach())
+            all_records.append(records)
+        if not all_records:
+            return False
+        if losses and len(losses) < n:
+            # Skipped micro-steps (None loss, end of data): average over the ones that ran.
+            grads = [p.grad for p in self._params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, n / len(losses))
+        info["loss"] = _mean(losses)
+        info["records"] = all_records[0] if len(all_records) == 1 else _average_on_device(all_records)
+        info["data_time"] = data_time
+        info["micro_steps"] = len(losses)
+        return True
+
+    def forward(self, batch: Any) -> ForwardOutput:
+        """Compute `(loss, records)` for one micro-batch (already on `self.device`).
+
+        `loss` is a scalar tensor, or None to skip this micro-step's backward; `records` is
+        a (nested) dict of Python numbers or 0-d tensors, averaged by the hooks at log time.
+        Keep tensors as tensors: calling `.item()` here syncs the host every step.
+        """
+        if self.forward_fn is None:
+            raise NotImplementedError(
+                f"{type(self).__name__}.forward is not implemented: override forward(batch) "
+                "or pass forward_fn=lambda model, batch: loss"
+            )
+        out = self.forward_fn(self.model, batch)
+        return (out, {}) if isinstance(out, torch.Tensor) else out
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate one micro-step's loss: scaled by 1/N, and by the fp16 loss scale."""
+        if self.gradient_accumulation_steps > 1:
+            loss = loss / self.gradient_accumulation_steps
+        if self._scaler is not None:
+            loss = self._scaler.scale(loss)
+        loss.backward()
+
+    def optimizer_step(self) -> bool:
+        """Unscale, clip, check, step, zero the gradients and step the scheduler.
+
+        Returns False (and discards the gradients) when they are non-finite and the
+        trainer handles that with retries; True when the step was taken (for fp16 the
+        scaler may still skip the update internally, which is not a failure).
+        """
+        scaler = self._scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        grad_norm = self._clip_and_measure_gradients()
+        if grad_norm is not None:
+            self.step_info["grad_norm"] = grad_norm
+        if scaler is None and self.max_non_finite_grad_retries is not None:
+            # The one host read per step: a single boolean from one fused reduction.
+            if not torch.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                return False
+        self.step_info["lr"] = self.optimizer.param_groups[0]["lr"]
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        return True
+
+    def _clip_and_measure_gradients(self) -> torch.Tensor | None:
+        """Global gradient norm (after unscaling), clipping in place when `grad_clip` is set.
+        Skipped entirely when neither clipping nor the finite check needs it."""
+        if self.grad_clip is not None:
+            return torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip, foreach=True)
+        if self.max_non_finite_grad_retries is None and self._scaler is None:
+            return None
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+    def _check_forward_output(self, out: Any) -> tuple[torch.Tensor | None, Mapping[str, Any]]:
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise TypeError(
+                f"{type(self).__name__}.forward must return a tuple (loss, records) with loss a "
+                f"scalar tensor or None and records a dict; got {type(out).__name__}"
+            )
+        loss, records = out
+        if loss is not None:
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(f"forward returned a loss of type {type(loss).__name__}; it must be a scalar tensor or None")
+            if loss.ndim != 0:
+                raise ValueError(
+                    f"forward returned a loss of shape {tuple(loss.shape)}; it must be a scalar "
+                    "(0-d) tensor: reduce it, e.g. loss.mean()"
+                )
+        if records is None:
+            records = {}
+        elif not isinstance(records, Mapping):
+            raise TypeError(f"forward returned records of type {type(records).__name__}; they must be a dict")
+        return loss, records
+
+    # ======================================================================= data
+
+    def _next_batch(self) -> Any:
+        """Next batch on the device; finite loaders roll over into the next epoch."""
+        if self._data_iter is None:
+            self._data_iter = self._start_epoch()
+        try:
+            batch = next(self._data_iter)
+        except StopIteration:
+            self._roll_over_epoch()
+            if self.max_epochs is not None and self.epoch >= self.max_epochs:
+                return _END_OF_DATA
+            self._data_iter = self._start_epoch()
+            try:
+                batch = next(self._data_iter)
+            except StopIteration:
+                raise ValueError(
+                    f"data_loader yielded no batches in epoch {self.epoch}: it is empty or cannot be "
+                    "restarted (a generator?); use a re-iterable loader such as a DataLoader"
+                ) from None
+        self.batch_in_epoch += 1
+        if self._move_batch:
+            device = self.device
+            batch = map_nested_tensor(lambda t: t.to(device, non_blocking=True), batch)
+        return batch
+
+    def _roll_over_epoch(self) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self._data_iter = None
+
+    def _roll_over_if_epoch_done(self) -> None:
+        """Close an epoch whose last batch was drawn, when the loader's length says so:
+        training for whole epochs then ends without starting a step that finds no data."""
+        per_epoch = _length(self.data_loader)
+        if per_epoch and self.batch_in_epoch >= per_epoch:
+            self._roll_over_epoch()
+
+    def _start_epoch(self) -> Iterator:
+        """Tell samplers which epoch this is (so shuffles differ per epoch), then iterate."""
+        loader = self.data_loader
+        seen: set[int] = set()
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for obj in (
+            loader,
+            getattr(loader, "sampler", None),
+            batch_sampler,
+            getattr(batch_sampler, "sampler", None),
+            getattr(loader, "dataset", None),
+        ):
+            if obj is not None and id(obj) not in seen and callable(getattr(obj, "set_epoch", None)):
+                seen.add(id(obj))
+                obj.set_epoch(self.epoch)
+        return iter(loader)
+
+    def estimated_total_steps(self) -> int | None:
+        """`max_steps`, or the steps `max_epochs` amount to when the loader has a length."""
+        estimate = None
+        if self.max_epochs is not None:
+            per_epoch = _length(self.data_loader)
+            if per_epoch:
+                batches_left = (self.max_epochs - self.epoch) * per_epoch - self.batch_in_epoch
+                estimate = self.step + math.ceil(max(batches_left, 0) / self.gradient_accumulation_steps)
+        if self.max_steps is not None:
+            return self.max_steps if estimate is None else min(estimate, self.max_steps)
+        return estimate
+
+    # ======================================================================= fit API
+
+    def fit(self, data_loader: Iterable | None = None, *, epochs: int | None = None, steps: int | None = None) -> dict[str, Any]:
+        """Train for `epochs` more epochs and/or `steps` more steps (whichever ends first)
+        and return the metrics averaged over those steps (`loss`, records, `grad_norm`, ...)
+        plus `step` and `epoch`. Without either, the constructor's limits apply.
+        A `data_loader` given here replaces the current one (and starts a new epoch)."""
+        check_int("epochs", epochs, minimum=1, allow_none=True)
+        check_int("steps", steps, minimum=1, allow_none=True)
+        if data_loader is not None:
+            if not isinstance(data_loader, Iterable):
+                raise TypeError(f"data_loader must be an iterable of batches; got {type(data_loader).__name__}")
+            self._given["data_loader"] = data_loader
+            if self._built:
+                self.data_loader = data_loader
+                self._data_iter = None
+                self.batch_in_epoch = 0
+        self._build()
+        if epochs is not None or steps is not None:
+            self._roll_over_if_epoch_done()
+            self.max_epochs = self.epoch + epochs if epochs is not None else None
+            self.max_steps = self.step + steps if steps is not None else None
+        collector = _FitMetrics()
+        self._hooks_for["on_after_step"].append(collector.on_after_step)
+        try:
+            self.train()
+        finally:
+            self._hooks_for["on_after_step"].remove(collector.on_after_step)
+        return {**collector.metrics.compute(), "step": self.step, "epoch": self.epoch}
+
+    # ======================================================================= logging
+
+    def log(self, records: Mapping[str, Any], dry_run: bool = False) -> None:
+        """Send aggregated metrics to every hook's `on_log` (W&B, metrics.jsonl, ...)."""
+        self._build_hooks_only()
+        self._call_hooks("on_log", records, dry_run)
+
+    def log_images(self, records: Mapping[str, Any], dry_run: bool = False) -> None:
+        """Send `{name: image}` to every hook's `on_log_images`."""
+        self._build_hooks_only()
+        self._call_hooks("on_log_images", records, dry_run)
+
+    def _build_hooks_only(self) -> None:
+        if not hasattr(self, "_hooks_for"):
+            self._build()
+
+    # ======================================================================= state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly: model, optimizer, scheduler,
+        scaler, counters, data-loader position (when the loader has `state_dict()`), RNG
+        states and each hook's state under `"hooks"`."""
+        self._build()
+        model_state, optim_state = self._model_and_optimizer_state()
+        state: dict[str, Any] = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "model": model_state,
+            "optimizer": optim_state,
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "data_loader": self.data_loader.state_dict() if callable(getattr(self.data_loader, "state_dict", None)) else None,
+            "rng": rng_state(),
+            "hooks": {},
+        }
+        self._call_hooks("on_state_dict", state)
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what `state_dict()` returned; training continues from `state_dict["step"]`."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"load_state_dict expects a dict from state_dict(); got {type(state_dict).__name__}")
+        missing = [k for k in ("step", "model", "optimizer") if k not in state_dict]
+        if missing:
+            raise KeyError(f"load_state_dict: the state has no {', '.join(map(repr, missing))} (keys: {', '.join(state_dict)})")
+        self._build()
+        self._load_model_and_optimizer_state(state_dict["model"], state_dict["optimizer"])
+        if self.lr_scheduler is not None and state_dict.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
+        if self.grad_scaler is not None and state_dict.get("grad_scaler") is not None:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        if state_dict.get("data_loader") is not None and callable(getattr(self.data_loader, "load_state_dict", None)):
+            self.data_loader.load_state_dict(state_dict["data_loader"])
+        self.step = int(state_dict["step"])
+        self.epoch = int(state_dict.get("epoch", 0))
+        self.batch_in_epoch = int(state_dict.get("batch_in_epoch", 0))
+        self._data_iter = None
+        if state_dict.get("rng") is not None:
+            set_rng_state(state_dict["rng"])
+        self._call_hooks("on_load_state_dict", state_dict)
+
+    def _model_and_optimizer_state(self) -> tuple[dict, dict]:
+        if self.state_dict_options is not None:
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            return get_state_dict(self.model, self.optimizer, options=self.state_dict_options)
+        return self.unwrapped_model.state_dict(), self.optimizer.state_dict()
+
+    def _load_model_and_optimizer_state(self, model_state: Mapping, optim_state: Mapping) -> None:
+        if self.state_dict_options is not None:
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=model_state,
+                optim_state_dict=optim_state,
+                options=self.state_dict_options,
+            )
+            return
+        self.unwrapped_model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optim_state)
+
+    # ======================================================================= models
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        """The plain module under torch.compile / DDP / FSDP1 / AveragedModel wrappers."""
+        return unwrap(model)
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return unwrap(self.model)
+
+
+# =========================================================================== helpers
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_NULL = _NullContext()
+
+
+class _FitMetrics:
+    """Averages over a `fit()` call; device-side sums, read once at the end."""
+
+    def __init__(self) -> None:
+        self.metrics = StepMetrics()
+
+    def on_after_step(self, trainer: BaseTrainer) -> None:
+        self.metrics.add(trainer.step_info)
+
+
+def _mean(losses: list[torch.Tensor]) -> torch.Tensor | None:
+    if not losses:
+        return None
+    if len(losses) == 1:
+        return losses[0]
+    return torch.stack([l.float() for l in losses]).mean()
+
+
+def _average_on_device(all_records: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Average micro-step records key by key (NaN skipped) without leaving the device."""
+    columns: dict[str, list[Any]] = {}
+    for records in all_records:
+        for key, value in flatten_dict(records).items():
+            columns.setdefault(key, []).append(value)
+    averaged: dict[str, Any] = {}
+    for key, values in columns.items():
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        if tensors:
+            device = tensors[0].device
+            stacked = torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(()) for v in values])
+            averaged[key] = torch.nanmean(stacked)
+        else:
+            finite = [float(v) for v in values if not math.isnan(float(v))]
+            averaged[key] = sum(finite) / len(finite) if finite else math.nan
+    return unflatten_dict(averaged)
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _check_optional_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:
+    if value is not None and not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise TypeError(f"{name} must be a {names} or None; got {type(value).__name__} {value!r}")
+
+
+def resolve_device(device: str | torch.device | int) -> torch.device:
+    """"auto" -> cuda (this rank's LOCAL_RANK under torchrun) > mps > cpu."""
+    if isinstance(device, bool):
+        raise TypeError(f"device must be 'auto', a device string, a torch.device or a CUDA index; got {device!r}")
+    if isinstance(device, int):
+        if device < 0:
+            raise ValueError(f"device index must be >= 0; got {device}")
+        return torch.device("cuda", device)
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be 'auto', a device string, a torch.device or a CUDA index; got {type(device).__name__}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            import os
+
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps', ...; got {device!r} ({err})") from None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's `random`, numpy (when installed) and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (python, numpy, torch CPU, every CUDA device)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    """random.setstate needs tuples back where a JSON round trip made lists."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

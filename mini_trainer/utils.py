@@ -1,0 +1,281 @@
+"""Small helpers shared by the trainer, the hooks and user code.
+
+- `map_nested_tensor` applies a function to every tensor inside nested containers.
+- `key_average` averages nested dicts of numbers / 0-d tensors with a single host transfer.
+- `unwrap` peels torch.compile, DDP/FSDP1 and AveragedModel wrappers off a model.
+- `check_*` validators raise errors that name the argument, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "map_nested_tensor",
+    "key_average",
+    "flatten_dict",
+    "unflatten_dict",
+    "unwrap",
+    "check_int",
+    "check_number",
+    "check_choice",
+]
+
+
+# ---------------------------------------------------------------------------- nesting
+
+
+def map_nested_tensor(fn: Callable[[torch.Tensor], Any], data: Any) -> Any:
+    """Return `data` with `fn` applied to every tensor inside dicts, lists, tuples and
+    namedtuples (container types are preserved; anything else is returned as is)."""
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, Mapping):
+        mapped = {k: map_nested_tensor(fn, v) for k, v in data.items()}
+        if type(data) is dict:
+            return mapped
+        try:
+            return type(data)(mapped)
+        except TypeError:  # e.g. defaultdict needs its factory first
+            out = type(data).__new__(type(data))
+            out.__init__(getattr(data, "default_factory", None), mapped)  # type: ignore[misc]
+            return out
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(map_nested_tensor(fn, v) for v in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(map_nested_tensor(fn, v) for v in data)
+    return data
+
+
+def flatten_dict(nested: Mapping, sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`. Keys must be strings."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_dict(value, sep, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten_dict(flat: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
+    """Inverse of `flatten_dict`."""
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(sep)
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+# ---------------------------------------------------------------------------- averaging
+
+
+class _MeanState:
+    """Running NaN-skipping sum and count of one metric.
+
+    Python numbers are summed on the host at once; tensors are kept on their device and
+    folded into device-side partial sums every `compact_every` values, so memory stays
+    bounded over long runs and nothing is copied to the host until `MetricMeans.compute`.
+    """
+
+    __slots__ = ("host_sum", "host_count", "pending", "dev_sum", "dev_count")
+
+    def __init__(self) -> None:
+        self.host_sum = 0.0
+        self.host_count = 0
+        self.pending: list[torch.Tensor] = []
+        self.dev_sum: torch.Tensor | None = None
+        self.dev_count: torch.Tensor | None = None
+
+    def fold_pending(self) -> None:
+        values = torch.stack(self.pending).to(torch.float64)
+        self.pending = []
+        finite = ~torch.isnan(values)
+        part_sum = torch.where(finite, values, 0.0).sum()
+        part_count = finite.sum()
+        if self.dev_sum is None:
+            self.dev_sum, self.dev_count = part_sum, part_count
+        else:
+            self.dev_sum = self.dev_sum + part_sum.to(self.dev_sum.device)
+            self.dev_count = self.dev_count + part_count.to(self.dev_count.device)
+
+
+class MetricMeans:
+    """Averages of named scalar metrics with at most one host transfer per `compute()`.
+
+    `add(name, value)` accepts Python numbers, bools and single-element tensors; it never
+    synchronises with the device. NaN values are skipped (a key whose values are all NaN
+    averages to NaN). `compute(sync=True)` also averages across distributed ranks.
+    """
+
+    compact_every = 256
+
+    def __init__(self) -> None:
+        self._states: dict[str, _MeanState] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def reset(self) -> None:
+        self._states = {}
+
+    def add(self, name: str, value: Any) -> None:
+        state = self._states.get(name)
+        if state is None:
+            state = self._states[name] = _MeanState()
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"record {name!r} must be a number or a single-element tensor; "
+                    f"got a tensor of shape {tuple(value.shape)}"
+                )
+            state.pending.append(value.detach().reshape(()))
+            if len(state.pending) >= self.compact_every:
+                state.fold_pending()
+        elif isinstance(value, (int, float)):  # bool is an int
+            value = float(value)
+            if not math.isnan(value):
+                state.host_sum += value
+                state.host_count += 1
+        else:
+            raise TypeError(
+                f"record {name!r} must be a number or a single-element tensor; "
+                f"got {type(value).__name__}: {value!r}"
+            )
+
+    def add_nested(self, records: Mapping, prefix: str = "") -> None:
+        for name, value in flatten_dict(records, prefix=prefix).items():
+            self.add(name, value)
+
+    def compute(self, sync: bool = False) -> dict[str, float]:
+        """Return `{name: mean}`; one device-to-host copy for all tensor-valued metrics."""
+        names = list(self._states)
+        if sync:
+            from . import distributed
+
+            names = distributed.union_of_names(names)
+        sums: list[Any] = []
+        counts: list[Any] = []
+        for name in names:
+            state = self._states.get(name) or _MeanState()
+            if state.pending:
+                state.fold_pending()
+            sums.append(state.host_sum if state.dev_sum is None else state.dev_sum + state.host_sum)
+            counts.append(state.host_count if state.dev_count is None else state.dev_count + state.host_count)
+        totals = _to_host_floats(sums + counts, sync)
+        n = len(names)
+        return {
+            name: (totals[i] / totals[n + i]) if totals[n + i] > 0 else math.nan
+            for i, name in enumerate(names)
+        }
+
+
+def _to_host_floats(values: list[Any], sync: bool) -> list[float]:
+    """Python numbers and 0-d tensors -> floats, in one transfer (and one all-reduce)."""
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+    if device is None and not sync:
+        return [float(v) for v in values]
+    if sync:
+        from . import distributed
+
+        device = distributed.collective_device()
+    stacked = torch.stack(
+        [
+            v.to(device=device, dtype=torch.float64)
+            if isinstance(v, torch.Tensor)
+            else torch.tensor(float(v), dtype=torch.float64, device=device)
+            for v in values
+        ]
+    ) if values else torch.zeros(0, dtype=torch.float64, device=device)
+    if sync:
+        from . import distributed
+
+        stacked = distributed.all_reduce_sum(stacked)
+    return stacked.tolist()
+
+
+def key_average(records: Sequence[Mapping] | Iterable[Mapping], sync: bool = False) -> dict[str, Any]:
+    """Average nested dicts key by key.
+
+    A key missing from some dicts is averaged over the dicts that have it; NaN values are
+    ignored (all-NaN gives NaN). Values may be Python numbers or single-element tensors;
+    all tensors are brought to the host in one transfer.
+
+    >>> key_average([{"loss": 0.5, "m": {"acc": 0.9}}, {"loss": 0.6, "m": {"acc": 0.85}}])
+    {'loss': 0.55, 'm': {'acc': 0.875}}
+    """
+    means = MetricMeans()
+    for i, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise TypeError(f"key_average: records[{i}] must be a dict; got {type(record).__name__}")
+        means.add_nested(record)
+    return unflatten_dict({k: _round_float(v) for k, v in means.compute(sync=sync).items()})
+
+
+def _round_float(value: float) -> float:
+    # float64 averaging of float32 inputs: trim the last bits so 0.55 prints as 0.55.
+    return float(f"{value:.12g}") if math.isfinite(value) else value
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Peel torch.compile, DistributedDataParallel / DataParallel / FSDP1 and
+    `torch.optim.swa_utils.AveragedModel` wrappers off `model`."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    from torch.optim.swa_utils import AveragedModel
+
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, (DistributedDataParallel, DataParallel, AveragedModel)):
+            model = model.module
+        elif type(model).__name__ == "FullyShardedDataParallel" and hasattr(model, "module"):
+            model = model.module
+        else:
+            return model
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none: bool = False) -> None:
+    """Raise unless `value` is an int (not bool) >= `minimum` (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+    if allow_none:
+        allowed += " or None"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {allowed}; got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+
+def check_number(
+    name: str, value: Any, *, positive: bool = False, allow_none: bool = False
+) -> None:
+    """Raise unless `value` is a finite real number (> 0 when `positive`)."""
+    if value is None and allow_none:
+        return
+    allowed = ("a positive" if positive else "a") + " finite number" + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {allowed}; got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
