@@ -209,10 +209,14 @@ class BaseTrainer:
             )
         return value
 
+    def build(self) -> None:
+        """Build everything once (`train()`, `fit()` and the state methods call it; call it
+        yourself to inspect the model before training). Order: seed -> model -> optimizer
+        -> scheduler -> scaler -> data -> hooks; seeding first makes the initial weights
+        and the data order reproducible."""
+        self._build()
+
     def _build(self) -> None:
-        """Build everything once, in dependency order: seed -> model -> optimizer ->
-        scheduler -> scaler -> data -> hooks. Seeding first makes initial weights and the
-        data order reproducible."""
         if self._built:
             return
         if self.seed is not None:
