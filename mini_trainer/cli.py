@@ -56,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling the overrides at the first option (`CONFIG --no-eval k=v`):
+    # the remaining key=value words are overrides too.
+    unknown = [word for word in extra if word.startswith("-") or args.command != "train"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 2
@@ -77,18 +84,24 @@ def run_train(cfg: dict[str, Any], evaluate: bool = True) -> int:
     """Import the config's `imports`, build `cfg["trainer"]`, train, evaluate, report."""
     imports = cfg.get("imports", [])
     if not isinstance(imports, (list, tuple)):
-        raise SystemExit(f"mini-trainer: error: config 'imports' must be a list of module names; got {imports!r}")
+        return _usage_error(f"config 'imports' must be a list of module names; got {imports!r}")
     for module in imports:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            return _usage_error(f"config 'imports': cannot import {module!r} ({err})")
     if "trainer" not in cfg:
-        raise SystemExit(
-            f"mini-trainer: error: the config has no 'trainer' entry (keys: {', '.join(cfg) or 'none'}); "
-            "define trainer = dict(type=..., ...)"
+        return _usage_error(
+            f"the config has no 'trainer' entry (keys: {', '.join(cfg) or 'none'}); define trainer = dict(type=..., ...)"
         )
+    # Building (trainer, model, optimizer, data, hooks) is where config mistakes surface:
+    # report those as usage errors; failures during training keep their traceback.
     try:
         trainer = build_from_cfg(cfg["trainer"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise SystemExit(f"mini-trainer: error: {_message(err)}") from err
+        if callable(getattr(trainer, "build", None)):
+            trainer.build()
+    except (ValueError, KeyError, TypeError, ImportError, FileNotFoundError) as err:
+        return _usage_error(_message(err))
     trainer.train()
     if evaluate and callable(getattr(trainer, "evaluate", None)):
         results = trainer.evaluate()
@@ -98,6 +111,11 @@ def run_train(cfg: dict[str, Any], evaluate: bool = True) -> int:
                 for name, value in results.items():
                     print(f"{name} {value:.4f}", flush=True)
     return 0
+
+
+def _usage_error(message: str) -> int:
+    print(f"mini-trainer: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _message(err: BaseException) -> str:

@@ -33,6 +33,8 @@ _REPLACE = "_replace_"
 
 def load_config(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read the config file at `path` (with its `parents`) and apply `overrides`."""
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"config path must be a str or Path; got {type(path).__name__} {path!r}")
     cfg = _load_file(Path(path), chain=())
     return apply_overrides(cfg, overrides) if overrides else cfg
 

@@ -387,8 +387,9 @@ class BaseTrainer:
         if grad_norm is not None:
             self.step_info["grad_norm"] = grad_norm
         if scaler is None and self.max_non_finite_grad_retries is not None:
-            # The one host read per step: a single boolean from one fused reduction.
-            if not torch.isfinite(grad_norm):
+            # The one host read per step: the norm is a single fused reduction over all
+            # gradients, and it is NaN/inf exactly when some gradient is.
+            if not math.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 return False
         self.step_info["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -416,9 +417,10 @@ class BaseTrainer:
 
     def _check_forward_output(self, out: Any) -> tuple[torch.Tensor | None, Mapping[str, Any]]:
         if not isinstance(out, tuple) or len(out) != 2:
+            got = f"a tuple of length {len(out)}" if isinstance(out, tuple) else type(out).__name__
             raise TypeError(
                 f"{type(self).__name__}.forward must return a tuple (loss, records) with loss a "
-                f"scalar tensor or None and records a dict; got {type(out).__name__}"
+                f"scalar tensor or None and records a dict; got {got}"
             )
         loss, records = out
         if loss is not None:

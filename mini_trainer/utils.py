@@ -82,14 +82,16 @@ def unflatten_dict(flat: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
 class _MeanState:
     """Running NaN-skipping sum and count of one metric.
 
-    Python numbers are summed on the host at once; tensors are kept on their device and
-    folded into device-side partial sums every `compact_every` values, so memory stays
-    bounded over long runs and nothing is copied to the host until `MetricMeans.compute`.
+    Python numbers are summed on the host at once. Tensors are only appended (no kernel
+    per step) and folded every `compact_every` values into device-side partial sums with
+    one stack, so memory stays bounded over long runs and nothing reaches the host until
+    `MetricMeans.compute`.
     """
 
-    __slots__ = ("host_sum", "host_count", "pending", "dev_sum", "dev_count")
+    __slots__ = ("name", "host_sum", "host_count", "pending", "dev_sum", "dev_count")
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.host_sum = 0.0
         self.host_count = 0
         self.pending: list[torch.Tensor] = []
@@ -97,16 +99,35 @@ class _MeanState:
         self.dev_count: torch.Tensor | None = None
 
     def fold_pending(self) -> None:
-        values = torch.stack(self.pending).to(torch.float64)
-        self.pending = []
-        finite = ~torch.isnan(values)
-        part_sum = torch.where(finite, values, 0.0).sum()
-        part_count = finite.sum()
+        pending, self.pending = self.pending, []
+        with torch.no_grad():
+            values = _stack_scalars(self.name, pending).to(torch.float64)
+            finite = ~torch.isnan(values)
+            part_sum = torch.where(finite, values, 0.0).sum()
+            part_count = finite.sum()
         if self.dev_sum is None:
             self.dev_sum, self.dev_count = part_sum, part_count
         else:
             self.dev_sum = self.dev_sum + part_sum.to(self.dev_sum.device)
             self.dev_count = self.dev_count + part_count.to(self.dev_count.device)
+
+
+def _stack_scalars(name: str, values: list[torch.Tensor]) -> torch.Tensor:
+    """One 1-d tensor from single-element tensors (one kernel when shapes and devices agree)."""
+    try:
+        stacked = torch.stack(values)
+        if stacked.numel() == len(values):
+            return stacked.reshape(-1)
+    except RuntimeError:  # mixed shapes, dtypes or devices: take the slow road
+        pass
+    for value in values:
+        if value.numel() != 1:
+            raise ValueError(
+                f"record {name!r} must be a number or a single-element tensor; "
+                f"got a tensor of shape {tuple(value.shape)}"
+            )
+    device = values[0].device
+    return torch.stack([v.reshape(()).to(device=device, dtype=torch.float64) for v in values])
 
 
 class MetricMeans:
@@ -131,14 +152,9 @@ class MetricMeans:
     def add(self, name: str, value: Any) -> None:
         state = self._states.get(name)
         if state is None:
-            state = self._states[name] = _MeanState()
+            state = self._states[name] = _MeanState(name)
         if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(
-                    f"record {name!r} must be a number or a single-element tensor; "
-                    f"got a tensor of shape {tuple(value.shape)}"
-                )
-            state.pending.append(value.detach().reshape(()))
+            state.pending.append(value)  # checked and reduced in fold_pending()
             if len(state.pending) >= self.compact_every:
                 state.fold_pending()
         elif isinstance(value, (int, float)):  # bool is an int
@@ -151,6 +167,21 @@ class MetricMeans:
                 f"record {name!r} must be a number or a single-element tensor; "
                 f"got {type(value).__name__}: {value!r}"
             )
+
+    def extend(self, name: str, values: list[Any]) -> None:
+        """`add(name, v)` for each of `values` (one list operation for the tensors)."""
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        if len(tensors) != len(values):
+            for value in values:
+                if not isinstance(value, torch.Tensor):
+                    self.add(name, value)
+        if tensors:
+            state = self._states.get(name)
+            if state is None:
+                state = self._states[name] = _MeanState(name)
+            state.pending.extend(tensors)
+            if len(state.pending) >= self.compact_every:
+                state.fold_pending()
 
     def add_nested(self, records: Mapping, prefix: str = "") -> None:
         for name, value in flatten_dict(records, prefix=prefix).items():
@@ -166,7 +197,7 @@ class MetricMeans:
         sums: list[Any] = []
         counts: list[Any] = []
         for name in names:
-            state = self._states.get(name) or _MeanState()
+            state = self._states.get(name) or _MeanState(name)
             if state.pending:
                 state.fold_pending()
             sums.append(state.host_sum if state.dev_sum is None else state.dev_sum + state.host_sum)

@@ -76,7 +76,7 @@ def test_no_host_reads_between_log_steps_when_unchecked(host_reads, accumulation
     assert per_step == [[], [], [], [], ["tolist", "tolist"], []]
 
 
-def test_the_finite_check_is_one_boolean_read_per_step(host_reads):
+def test_the_finite_check_is_one_scalar_read_per_step(host_reads):
     per_step = _train(host_reads, 4, grad_clip=1.0)  # default: checked, no retries
-    assert per_step == [["__bool__"]] * 4
-    assert {file for name, file, _ in host_reads if name == "__bool__"} == {"trainer.py"}
+    assert per_step == [["__float__"]] * 4
+    assert {file for name, file, _ in host_reads if name == "__float__"} == {"trainer.py"}

@@ -1,5 +1,6 @@
-"""Interval bookkeeping shared by ProgressHook and LoggingHook: collect each step's
-`step_info` without touching the host, then reduce it all in one transfer."""
+"""Interval bookkeeping shared by ProgressHook, LoggingHook and `fit()`: keep each step's
+`step_info` by reference (no tensor work in the step), then reduce an interval's worth
+with one stack per metric and a single host transfer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..utils import MetricMeans, unflatten_dict
+from ..utils import MetricMeans, flatten_dict, unflatten_dict
 
 #: step_info entries averaged over an interval (others are ignored).
 STEP_KEYS = ("loss", "grad_norm", "data_time", "step_time", "retries")
@@ -16,31 +17,52 @@ STEP_KEYS = ("loss", "grad_norm", "data_time", "step_time", "retries")
 class StepMetrics:
     """Averages of the built-in step metrics and the user's records since `reset()`."""
 
+    #: steps kept by reference before they are folded into running sums
+    fold_every = 256
+
     def __init__(self) -> None:
         self.means = MetricMeans()
         self.steps = 0
         self.started = time.perf_counter()
         self.lr: Any = None
+        self._infos: list[Mapping[str, Any]] = []
 
     def reset(self) -> None:
         self.means.reset()
+        self._infos = []
         self.steps = 0
         self.started = time.perf_counter()
 
     def add(self, step_info: Mapping[str, Any]) -> None:
-        add = self.means.add
-        for key in STEP_KEYS:
-            value = step_info.get(key)
-            if value is not None:
-                add(key, value)
-        records = step_info.get("records")
-        if records:
-            self.means.add_nested(records)
-        self.lr = step_info.get("lr", self.lr)
+        self._infos.append(step_info)
         self.steps += 1
+        if len(self._infos) >= self.fold_every:
+            self._fold()
+
+    def _fold(self) -> None:
+        infos, self._infos = self._infos, []
+        for key in STEP_KEYS:
+            values = [info[key] for info in infos if info.get(key) is not None]
+            if values:
+                self.means.extend(key, values)
+        columns: dict[str, list[Any]] = {}
+        for info in infos:
+            records = info.get("records")
+            if not records:
+                continue
+            if any(isinstance(v, Mapping) for v in records.values()):
+                records = flatten_dict(records)
+            for name, value in records.items():
+                columns.setdefault(name, []).append(value)
+        for name, values in columns.items():
+            self.means.extend(name, values)
+        lr = infos[-1].get("lr") if infos else None
+        if lr is not None:
+            self.lr = lr
 
     def compute(self, sync: bool = False) -> dict[str, Any]:
         """Nested `{name: mean}`, plus `lr` (the latest value) and `wall_time` per step."""
+        self._fold()
         values = unflatten_dict(self.means.compute(sync=sync))
         if self.lr is not None:
             values["lr"] = float(self.lr)

@@ -1,0 +1,154 @@
+"""The command line, run for real in subprocesses (`python -m mini_trainer ...` and the
+installed `mini-trainer` console script)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "configs/digits_mlp.py"
+TIMEOUT = 120
+
+
+def run_cli(*args: str, exe: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    cmd = (exe or [sys.executable, "-m", "mini_trainer"]) + list(args)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+# =========================================================================== help
+
+
+def test_help_exits_zero_and_describes_train():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: mini-trainer" in proc.stdout
+    assert "train" in proc.stdout
+    assert "trainer.max_steps=" in proc.stdout  # shows an override example
+
+
+def test_train_help_explains_overrides():
+    proc = run_cli("train", "--help")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "CONFIG" in out and "KEY=VALUE" in out
+    assert "key.path=value" in out
+    assert "trainer.hooks.0.interval=5" in out  # list items by index
+    assert "--print-config" in out and "--no-eval" in out
+
+
+def test_no_command_prints_help_and_fails():
+    proc = run_cli()
+    assert proc.returncode == 2
+    assert "usage: mini-trainer" in proc.stdout + proc.stderr
+
+
+def test_console_script_help():
+    script = Path(sys.executable).parent / ("mini-trainer.exe" if os.name == "nt" else "mini-trainer")
+    if not script.exists():
+        pytest.skip(f"console script not installed next to {sys.executable}")
+    proc = run_cli("--help", exe=[str(script)])
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: mini-trainer" in proc.stdout
+
+
+# =========================================================================== train
+
+
+@pytest.mark.slow
+def test_train_digits_end_to_end(tmp_path):
+    proc = run_cli(
+        "train",
+        CONFIG,
+        "trainer.max_steps=300",
+        f"trainer.workspace={tmp_path}",
+        "trainer.hooks.0.interval=100",
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    lines = proc.stdout.strip().splitlines()
+
+    progress = [line for line in lines if line.startswith("Step ")]
+    assert [line.split(":")[0] for line in progress] == ["Step 100/300", "Step 200/300", "Step 300/300"]
+    assert all(" loss " in line for line in progress)
+
+    final = lines[-1]
+    match = re.match(r"^test_accuracy (0\.\d{4})$", final)
+    assert match, f"last line was {final!r}"
+    assert float(match.group(1)) > 0.9
+    assert any(re.match(r"^test_loss \d+\.\d{4}$", line) for line in lines)
+
+    metrics_path = tmp_path / "metrics.jsonl"
+    assert metrics_path.is_file()
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    assert records, "metrics.jsonl is empty"
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps), steps
+    train_records = [r for r in records if "loss" in r]
+    train_steps = [r["step"] for r in train_records]
+    assert len(set(train_steps)) == len(train_steps) and train_steps == sorted(train_steps)
+    assert train_steps[-1] == 300
+    eval_records = [r for r in records if "test_accuracy" in r]
+    assert len(eval_records) == 1
+    assert eval_records[0]["step"] == 300
+    assert eval_records[0]["test_accuracy"] == pytest.approx(float(match.group(1)), abs=1e-4)
+    assert records[-1] is eval_records[0]
+    # nothing is written into the repository's default workspace by this run
+    assert not (tmp_path / "runs").exists()
+
+
+def test_print_config_reflects_overrides(tmp_path):
+    proc = run_cli(
+        "train", "--print-config", CONFIG,
+        "trainer.max_steps=7", "trainer.optimizer_cfg.lr=3e-4", "trainer.hooks.1.interval=9",
+        f"trainer.workspace={tmp_path}", "trainer.model_cfg.hidden_sizes=[32]",
+    )
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads(proc.stdout)
+    trainer = cfg["trainer"]
+    assert trainer["type"] == "ClassificationTrainer"
+    assert trainer["max_steps"] == 7
+    assert trainer["optimizer_cfg"] == {"type": "torch.optim.AdamW", "lr": 3e-4, "weight_decay": 1e-2}
+    assert trainer["hooks"][1] == {"type": "LoggingHook", "interval": 9}
+    assert trainer["hooks"][0]["interval"] == 100
+    assert trainer["workspace"] == str(tmp_path)
+    assert trainer["model_cfg"]["hidden_sizes"] == [32]
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing was trained
+
+
+def test_options_between_config_and_overrides():
+    # `mini-trainer train CONFIG --print-config key=value` is the natural way to type it;
+    # the overrides after the option must still be applied (argparse needs
+    # parse_intermixed_args for a nargs="*" positional after an option).
+    proc = run_cli("train", CONFIG, "--print-config", "trainer.max_steps=7")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["trainer"]["max_steps"] == 7
+
+
+# =========================================================================== errors
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        ([CONFIG, "trainer.max_steps"], "'trainer.max_steps'"),
+        ([CONFIG, "trainer.nope.lr=1"], "'nope'"),
+        (["configs/does_not_exist.py"], "does_not_exist.py"),
+        (["configs/digits_mlp.yaml"], ".py"),
+    ],
+    ids=["no-equals", "missing-key", "missing-file", "not-python"],
+)
+def test_errors_exit_2_with_message_on_stderr(args, needle):
+    proc = run_cli("train", *args)
+    assert proc.returncode == 2, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "mini-trainer: error:" in proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not proc.stdout.strip()
+
