@@ -12,7 +12,9 @@ hits both alike). Two pairings, each doing the same math on both sides:
 Data comes either from pre-built batches in memory ("memory": the strictest view, nothing
 to hide the trainer's cost behind) or from a shuffling DataLoader ("dataloader": what a
 real loop looks like). Ratios are steps/s of the trainer over steps/s of the loop (median
-of the rounds); >= 0.97 is the goal. Prints one JSON object on its last line.
+of the rounds); >= 0.97 is the goal. "plain_vs_plain" runs the loop against itself the
+same way: its distance from 1.0 is the noise floor of this machine. Prints one JSON object
+on its last line.
 """
 
 from __future__ import annotations
@@ -96,9 +98,13 @@ class TrainerRun:
         self.trainer.train()
 
 
-def measure(data_kind: str, bare: bool, rounds: int, steps: int) -> dict[str, float]:
+def measure(data_kind: str, bare: bool | None, rounds: int, steps: int) -> dict[str, float]:
+    """bare=None pits the plain loop against a second copy of itself: the noise floor."""
     data, _ = make_data(data_kind, steps)
-    plain, trainer = PlainLoop(data, clip=not bare), TrainerRun(data, bare)
+    if bare is None:
+        plain, trainer = PlainLoop(data, clip=True), PlainLoop(data, clip=True)
+    else:
+        plain, trainer = PlainLoop(data, clip=not bare), TrainerRun(data, bare)
     plain.run(20), trainer.run(20)  # warm-up: allocator, first-call costs
     ratios, plain_times, trainer_times = [], [], []
     for r in range(rounds):
@@ -120,11 +126,13 @@ def measure(data_kind: str, bare: bool, rounds: int, steps: int) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(1)
     result: dict[str, object] = {"name": "overhead"}
+    noise = measure("memory", bare=None, rounds=args.rounds, steps=args.steps)
+    result["plain_vs_plain"] = round(noise["ratio"], 4)  # A/A control: how far 1.0 drifts by chance
     for data_kind in ("memory", "dataloader"):
         full = measure(data_kind, bare=False, rounds=args.rounds, steps=args.steps)
         bare = measure(data_kind, bare=True, rounds=args.rounds, steps=args.steps)

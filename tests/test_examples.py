@@ -1,0 +1,52 @@
+"""Every example runs on its own and prints what its docstring promises."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_example(name: str) -> str:
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / name)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_subclass_example_learns_digits():
+    out = run_example("subclass_digits.py")
+    accuracy = float(re.search(r"^test_accuracy (\d\.\d{4})$", out, re.M).group(1))
+    assert accuracy > 0.93
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_example_matches_the_big_batch():
+    out = run_example("gradient_accumulation.py")
+    assert float(out.strip().rsplit(" ", 1)[1]) < 1e-5
+
+
+@pytest.mark.slow
+def test_ready_objects_example_improves_every_fit():
+    out = run_example("ready_objects_fit.py")
+    losses = [float(x) for x in re.findall(r"'loss': ([\d.]+)", out)]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
+
+
+@pytest.mark.slow
+def test_mixed_precision_example_uses_low_precision_and_a_scaler_for_fp16():
+    out = run_example("mixed_precision.py")
+    assert re.search(r"^bf16 .*'logits_dtype_is_low': 1.0.*grad scaler: None$", out, re.M)
+    assert re.search(r"^fp16 .*'logits_dtype_is_low': 1.0.*grad scaler: scale \d+$", out, re.M)
+
+
+@pytest.mark.slow
+def test_custom_hook_example_stops_early():
+    out = run_example("custom_hook.py")
+    step = int(re.search(r"stopped at step (\d+)", out).group(1))
+    assert 0 < step < 10_000
