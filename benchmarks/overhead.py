@@ -9,7 +9,8 @@ hits both alike). Two pairings, each doing the same math on both sides:
 - "bare_trainer_vs_plain": BaseTrainer without hooks, clipping or finite check, against a
   loop without clipping.
 
-Data comes either from pre-built batches in memory ("memory": the strictest view, nothing
+Times are this process's CPU time (`time.process_time`), so a busy neighbour on the
+machine does not count against either side. Data comes either from pre-built batches in memory ("memory": the strictest view, nothing
 to hide the trainer's cost behind) or from a shuffling DataLoader ("dataloader": what a
 real loop looks like). Ratios are steps/s of the trainer over steps/s of the loop (median
 of the rounds); >= 0.97 is the goal. "plain_vs_plain" runs the loop against itself the
@@ -111,9 +112,9 @@ def measure(data_kind: str, bare: bool | None, rounds: int, steps: int) -> dict[
         order = (plain, trainer) if r % 2 == 0 else (trainer, plain)
         times = {}
         for runner in order:
-            start = time.perf_counter()
+            start = time.process_time()  # CPU time: other processes' load does not count
             runner.run(steps)
-            times[runner] = time.perf_counter() - start
+            times[runner] = time.process_time() - start
         plain_times.append(times[plain])
         trainer_times.append(times[trainer])
         ratios.append(times[plain] / times[trainer])
