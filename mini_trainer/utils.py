@@ -193,7 +193,7 @@ class MetricMeans:
         if sync:
             from . import distributed
 
-            names = distributed.union_of_names(names)
+            names = distributed.union_of_names(names)  # a no-op in a single process
         sums: list[Any] = []
         counts: list[Any] = []
         for name in names:
@@ -211,27 +211,26 @@ class MetricMeans:
 
 
 def _to_host_floats(values: list[Any], sync: bool) -> list[float]:
-    """Python numbers and 0-d tensors -> floats, in one transfer (and one all-reduce)."""
-    device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
-    if device is None and not sync:
-        return [float(v) for v in values]
-    if sync:
-        from . import distributed
+    """Python numbers and 0-d tensors -> floats with one stack of the tensors, one transfer
+    to the host and, when syncing across ranks, one all-reduce of everything."""
+    from . import distributed
 
-        device = distributed.collective_device()
-    stacked = torch.stack(
-        [
-            v.to(device=device, dtype=torch.float64)
-            if isinstance(v, torch.Tensor)
-            else torch.tensor(float(v), dtype=torch.float64, device=device)
-            for v in values
-        ]
-    ) if values else torch.zeros(0, dtype=torch.float64, device=device)
+    sync = sync and distributed.is_distributed()
+    at = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    floats = [0.0 if isinstance(v, torch.Tensor) else float(v) for v in values]
+    tensors = None
+    if at:
+        device = values[at[0]].device
+        tensors = torch.stack([values[i].to(device=device, dtype=torch.float64) for i in at])
     if sync:
-        from . import distributed
-
-        stacked = distributed.all_reduce_sum(stacked)
-    return stacked.tolist()
+        everything = torch.tensor(floats, dtype=torch.float64, device=distributed.collective_device())
+        if tensors is not None:
+            everything[at] = tensors.to(everything.device)
+        return distributed.all_reduce_sum(everything).tolist()
+    if tensors is not None:
+        for i, value in zip(at, tensors.tolist()):
+            floats[i] = value
+    return floats
 
 
 def key_average(records: Sequence[Mapping] | Iterable[Mapping], sync: bool = False) -> dict[str, Any]:

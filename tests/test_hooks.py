@@ -136,3 +136,20 @@ def test_records_may_mix_numbers_and_tensors_and_skip_nan():
     trainer = make_trainer(regression_batches(2, 4), max_steps=2, forward_fn=forward, hooks=[LoggingHook(interval=2), tap])
     trainer.train()
     assert logged[0]["a"] == pytest.approx(2.0) and logged[0]["b"] == pytest.approx(2.0)
+
+
+def test_synced_logging_under_a_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        values = [1.0, 2.0, 3.0, 4.0]
+        logged = []
+        tap = type("Tap", (BaseHook,), {"on_log": lambda self, t, r, dry_run=False: logged.append((r, dry_run))})()
+        trainer = make_trainer(regression_batches(4, 4), max_steps=4, forward_fn=_constant_loss_forward(values),
+                               hooks=[LoggingHook(interval=4, sync=True), ProgressHook(interval=2, sync=True, file=io.StringIO()), tap])
+        trainer.train()
+        (records, dry_run), = logged
+        assert records["loss"] == pytest.approx(2.5) and records["nested"] == {"count": 1.0} and dry_run is False
+    finally:
+        dist.destroy_process_group()
