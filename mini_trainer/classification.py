@@ -32,7 +32,7 @@ class ClassificationTrainer(BaseTrainer):
         data_cfg: config of a loader, or of a callable returning `{"train": loader,
             <split>: loader, ...}`; the other splits are scored by `evaluate()`.
         lr_scheduler_cfg: optional scheduler config, built with `optimizer=`; a scheduler
-            that takes `total_steps` gets `max_steps` unless the config sets it.
+            that takes `total_steps` gets `estimated_total_steps()` unless the config sets it.
         label_smoothing: passed to `F.cross_entropy`.
         **kwargs: BaseTrainer keywords (max_steps, grad_clip, mixed_precision, hooks, ...).
     """
@@ -77,9 +77,10 @@ class ClassificationTrainer(BaseTrainer):
         cfg = dict(self.lr_scheduler_cfg)
         factory = resolve_type(cfg.get("type"))
         if "total_steps" not in cfg and "total_steps" in _parameters(factory):
-            if self.max_steps is None:
-                raise ValueError("lr_scheduler_cfg needs total_steps when max_steps is None")
-            cfg["total_steps"] = self.max_steps
+            total = self.estimated_total_steps()  # max_steps, or max_epochs x the loader's length
+            if total is None:
+                raise ValueError("lr_scheduler_cfg needs total_steps: neither max_steps nor max_epochs with a sized loader gives it")
+            cfg["total_steps"] = total
         return build_from_cfg(cfg, optimizer=self.optimizer)
 
     def build_data_loader(self) -> Iterable:

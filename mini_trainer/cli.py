@@ -100,6 +100,8 @@ def run_train(cfg: dict[str, Any], evaluate: bool = True) -> int:
         trainer = build_from_cfg(cfg["trainer"])
         if callable(getattr(trainer, "build", None)):
             trainer.build()
+        if callable(getattr(trainer, "check_limits", None)):
+            trainer.check_limits()
     except (ValueError, KeyError, TypeError, ImportError, FileNotFoundError) as err:
         return _usage_error(_message(err))
     trainer.train()

@@ -24,6 +24,7 @@ __all__ = [
     "all_reduce_mean",
     "union_of_names",
     "gradient_sync",
+    "all_reduce_gradients",
 ]
 
 
@@ -75,6 +76,24 @@ def union_of_names(names: list[str]) -> list[str]:
     for other in gathered:
         merged.update(dict.fromkeys(other or []))
     return list(merged)
+
+
+def all_reduce_gradients(model: nn.Module, params: list[torch.Tensor]) -> None:
+    """Average `params`' gradients over ranks by hand, for an accumulation step whose
+    synchronising backward never ran. Every rank must call it at the same step."""
+    if not is_distributed() or get_world_size() == 1:
+        return
+    if hasattr(model, "set_requires_gradient_sync"):
+        raise RuntimeError(
+            "FSDP2 cannot finish an accumulation step whose last micro-step returned no loss: "
+            "return a loss on the last micro-step (e.g. 0 * model-output.sum())"
+        )
+    if not hasattr(model, "no_sync"):
+        return  # not a DDP/FSDP1 wrapper: this model never syncs gradients itself
+    grads = [p.grad for p in params if p.grad is not None]
+    for grad in grads:
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+    torch._foreach_div_(grads, float(get_world_size()))
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from . import distributed
 from .hooks.base import HOOK_EVENTS, BaseHook, overridden_events
 from .hooks.metrics import StepMetrics
 from .precision import autocast_factory, default_grad_scaler, resolve_precision
-from .utils import check_int, check_number, flatten_dict, map_nested_tensor, unflatten_dict, unwrap
+from .utils import MetricMeans, check_int, check_number, flatten_dict, map_nested_tensor, unflatten_dict, unwrap
 
 __all__ = ["BaseTrainer", "NonFiniteGradientError"]
 
@@ -50,6 +50,9 @@ class _EndOfData:
 
 
 _END_OF_DATA = _EndOfData()
+
+#: step_info keys hooks average; user records may not reuse them.
+_RESERVED_RECORDS = frozenset({"loss", "grad_norm", "lr", "data_time", "step_time", "retries", "micro_steps", "skipped", "wall_time"})
 
 
 class BaseTrainer:
@@ -170,7 +173,11 @@ class BaseTrainer:
         self.data_loader: Iterable = None  # type: ignore[assignment]
         self.hooks: list[BaseHook] = []
         self._built = False
+        self._hooks_ready = False
         self._data_iter: Iterator | None = None
+        self._skip_batches = 0  # batches to fast-forward after a resume (non-stateful loaders)
+        self._param_key = -1
+        self._params: list[torch.Tensor] = []
 
     # ======================================================================= build
 
@@ -212,8 +219,9 @@ class BaseTrainer:
     def build(self) -> None:
         """Build everything once (`train()`, `fit()` and the state methods call it; call it
         yourself to inspect the model before training). Order: seed -> model -> optimizer
-        -> scheduler -> scaler -> data -> hooks; seeding first makes the initial weights
-        and the data order reproducible."""
+        -> data -> scheduler -> scaler -> hooks; seeding first makes the initial weights
+        and the data order reproducible, and a scheduler may size itself from the data
+        (`estimated_total_steps()`). Hooks are fixed from here on."""
         self._build()
 
     def _build(self) -> None:
@@ -231,21 +239,21 @@ class BaseTrainer:
         self.optimizer = self.build_optimizer()
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"build_optimizer() must return a torch.optim.Optimizer; got {type(self.optimizer).__name__}")
+        self.data_loader = self.build_data_loader()
+        if not isinstance(self.data_loader, Iterable):
+            raise TypeError(f"build_data_loader() must return an iterable of batches; got {type(self.data_loader).__name__}")
         self.lr_scheduler = self.build_lr_scheduler()
         if self.lr_scheduler is not None and not callable(getattr(self.lr_scheduler, "step", None)):
             raise TypeError(f"build_lr_scheduler() must return an object with step(); got {self.lr_scheduler!r}")
         self.grad_scaler = self.build_grad_scaler()
-        self.data_loader = self.build_data_loader()
-        if not isinstance(self.data_loader, Iterable):
-            raise TypeError(f"build_data_loader() must return an iterable of batches; got {type(self.data_loader).__name__}")
-        self.hooks = self._prepare_hooks(self.build_hooks())
+        if not self._hooks_ready:
+            self.hooks = self._prepare_hooks(self.build_hooks())
         if self.compile:
             kwargs = dict(self.compile) if isinstance(self.compile, Mapping) else {}
             self.model = torch.compile(self.model, **kwargs)
 
         self._autocast = autocast_factory(self.device, self.autocast_dtype)
         self._scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._move_batch = self.device.type != "cpu"
         self._built = True
 
@@ -259,6 +267,7 @@ class BaseTrainer:
         for hook in ordered:
             for event in overridden_events(hook):
                 self._hooks_for[event].append(getattr(hook, event))
+        self._hooks_ready = True
         return ordered
 
     def _call_hooks(self, event: str, *args: Any) -> None:
@@ -271,15 +280,24 @@ class BaseTrainer:
         """Train until `max_steps` optimizer steps or `max_epochs` epochs (whichever first),
         or until a hook sets `should_stop`."""
         self._build()
-        if self.max_steps is None and self.max_epochs is None:
-            raise ValueError("train() needs a limit: set max_steps or max_epochs (or call fit(steps=..., epochs=...))")
+        self.check_limits()
         self.should_stop = False
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         self._call_hooks("on_before_train")
-        while not self._finished():
-            self._run_step()
+        try:
+            while not self._finished():
+                self._run_step()
+        except BaseException as error:
+            # Let hooks flush what they hold (metrics, progress bar, files); the error wins.
+            self._call_hooks("on_exception", error)
+            raise
         self._call_hooks("on_after_train")
+
+    def check_limits(self) -> None:
+        """Raise unless training has an end (`max_steps` or `max_epochs`)."""
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("train() needs a limit: set max_steps or max_epochs (or call fit(steps=..., epochs=...))")
 
     def _finished(self) -> bool:
         if self.should_stop:
@@ -294,12 +312,16 @@ class BaseTrainer:
     def _run_step(self) -> None:
         """One optimizer step, redone with fresh batches while gradients are non-finite."""
         # A fresh dict per step: hooks may keep a reference to the previous one.
-        info = self.step_info = {"retries": 0}
+        info = self.step_info = {"retries": 0, "data_time": 0.0}
         self._call_hooks("on_before_step")
         started = time.perf_counter()
         while True:
             if not self._accumulate_gradients(info):
-                self.should_stop = True  # the epoch limit was reached before any micro-batch
+                # The epoch limit came before any micro-batch (loaders without a length,
+                # or a retry that needed more data).
+                if info["retries"]:
+                    self.logger.warning("step %d: no data left to retry non-finite gradients; stopping", self.step + 1)
+                self.should_stop = True
                 return
             if self.optimizer_step():
                 break
@@ -321,11 +343,11 @@ class BaseTrainer:
         n = self.gradient_accumulation_steps
         losses: list[torch.Tensor] = []
         all_records: list[Mapping[str, Any]] = []
-        data_time = 0.0
+        synced = n == 1 or not self.no_sync_accumulate
         for micro_step in range(n):
             fetch_start = time.perf_counter()
             batch = self._next_batch()
-            data_time += time.perf_counter() - fetch_start
+            info["data_time"] += time.perf_counter() - fetch_start
             if batch is _END_OF_DATA:
                 break
             # All-reducing gradients is only useful once they are complete.
@@ -336,17 +358,22 @@ class BaseTrainer:
                 if loss is not None:
                     self.backward(loss)
                     losses.append(loss.detach())
+                    synced = synced or sync
             all_records.append(records)
         if not all_records:
             return False
+        if losses and not synced:
+            # The micro-step that would have all-reduced produced no loss (or the data
+            # ended first): sync by hand. Ranks agree, since under DDP every rank must run
+            # the same backward passes anyway.
+            distributed.all_reduce_gradients(self.model, self._optimized_params())
         if losses and len(losses) < n:
             # Skipped micro-steps (None loss, end of data): average over the ones that ran.
-            grads = [p.grad for p in self._params if p.grad is not None]
+            grads = [p.grad for p in self._optimized_params() if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, n / len(losses))
         info["loss"] = _mean(losses)
         info["records"] = all_records[0] if len(all_records) == 1 else _average_on_device(all_records)
-        info["data_time"] = data_time
         info["micro_steps"] = len(losses)
         return True
 
@@ -381,13 +408,17 @@ class BaseTrainer:
         scaler may still skip the update internally, which is not a failure).
         """
         scaler = self._scaler
+        overflowed = False
         if scaler is not None:
             scaler.unscale_(self.optimizer)
+            # The one host read of an fp16 step: the scaler's own overflow flag (it reads it
+            # again in step()); an overflowing step is skipped, so the schedule waits too.
+            overflowed = _scaler_found_inf(scaler, self.optimizer)
         grad_norm = self._clip_and_measure_gradients()
         if grad_norm is not None:
             self.step_info["grad_norm"] = grad_norm
         if scaler is None and self.max_non_finite_grad_retries is not None:
-            # The one host read per step: the norm is a single fused reduction over all
+            # The one host read of a step: the norm is a single fused reduction over all
             # gradients, and it is NaN/inf exactly when some gradient is.
             if not math.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -396,10 +427,11 @@ class BaseTrainer:
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
+            self.step_info["skipped"] = overflowed
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.lr_scheduler is not None:
+        if self.lr_scheduler is not None and not overflowed:
             self.lr_scheduler.step()
         return True
 
@@ -407,13 +439,23 @@ class BaseTrainer:
         """Global gradient norm (after unscaling), clipping in place when `grad_clip` is set.
         Skipped entirely when neither clipping nor the finite check needs it."""
         if self.grad_clip is not None:
-            return torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip, foreach=True)
-        if self.max_non_finite_grad_retries is None and self._scaler is None:
-            return None
-        grads = [p.grad for p in self._params if p.grad is not None]
+            return torch.nn.utils.clip_grad_norm_(self._optimized_params(), self.grad_clip, foreach=True)
+        if self.max_non_finite_grad_retries is None or self._scaler is not None:
+            return None  # nobody needs it: fp16 overflow is the scaler's business
+        grads = [p.grad for p in self._optimized_params() if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
         return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+    def _optimized_params(self) -> list[torch.Tensor]:
+        """The parameters the optimizer updates (re-read when param groups change, e.g.
+        after `add_param_group` to unfreeze layers): what is clipped, checked, rescaled."""
+        groups = self.optimizer.param_groups
+        key = sum(len(group["params"]) for group in groups) * 1000 + len(groups)
+        if key != self._param_key:
+            self._param_key = key
+            self._params = [p for group in groups for p in group["params"]]
+        return self._params
 
     def _check_forward_output(self, out: Any) -> tuple[torch.Tensor | None, Mapping[str, Any]]:
         if not isinstance(out, tuple) or len(out) != 2:
@@ -431,24 +473,34 @@ class BaseTrainer:
                     f"forward returned a loss of shape {tuple(loss.shape)}; it must be a scalar "
                     "(0-d) tensor: reduce it, e.g. loss.mean()"
                 )
-        if records is None:
-            records = {}
-        elif not isinstance(records, Mapping):
+        if not records:
+            return loss, {}
+        if not isinstance(records, Mapping):
             raise TypeError(f"forward returned records of type {type(records).__name__}; they must be a dict")
+        if not _RESERVED_RECORDS.isdisjoint(records):
+            clash = sorted(_RESERVED_RECORDS.intersection(records))
+            raise ValueError(f"forward returned records named {clash}: these names are the trainer's own step metrics; rename them")
+        # Hooks keep records for a whole interval: they must not keep autograd graphs alive.
+        if any(isinstance(v, torch.Tensor) and v.requires_grad or isinstance(v, Mapping) for v in records.values()):
+            records = map_nested_tensor(torch.Tensor.detach, records)
         return loss, records
 
     # ======================================================================= data
 
     def _next_batch(self) -> Any:
         """Next batch on the device; finite loaders roll over into the next epoch."""
-        if self._data_iter is None:
+        fresh = self._data_iter is None
+        if fresh:
             self._data_iter = self._start_epoch()
         try:
             batch = next(self._data_iter)
         except StopIteration:
-            self._roll_over_epoch()
-            if self.max_epochs is not None and self.epoch >= self.max_epochs:
-                return _END_OF_DATA
+            if not fresh:
+                self._roll_over_epoch()
+                if self.max_epochs is not None and self.epoch >= self.max_epochs:
+                    return _END_OF_DATA
+            # else: a stateful loader restored at the very end of its epoch, which this
+            # trainer had already counted as done: start the next one without counting again.
             self._data_iter = self._start_epoch()
             try:
                 batch = next(self._data_iter)
@@ -490,7 +542,15 @@ class BaseTrainer:
             if obj is not None and id(obj) not in seen and callable(getattr(obj, "set_epoch", None)):
                 seen.add(id(obj))
                 obj.set_epoch(self.epoch)
-        return iter(loader)
+        iterator = iter(loader)
+        if self._skip_batches:
+            # Resuming mid-epoch with a loader that cannot save its position: skip the
+            # batches already trained on (same order only if the loader's shuffle is
+            # seeded per epoch; a StatefulDataLoader resumes exactly).
+            for _ in range(self._skip_batches):
+                next(iterator, None)
+            self._skip_batches = 0
+        return iterator
 
     def estimated_total_steps(self) -> int | None:
         """`max_steps`, or the steps `max_epochs` amount to when the loader has a length."""
@@ -509,19 +569,26 @@ class BaseTrainer:
     def fit(self, data_loader: Iterable | None = None, *, epochs: int | None = None, steps: int | None = None) -> dict[str, Any]:
         """Train for `epochs` more epochs and/or `steps` more steps (whichever ends first)
         and return the metrics averaged over those steps (`loss`, records, `grad_norm`, ...)
-        plus `step` and `epoch`. Without either, the constructor's limits apply.
-        A `data_loader` given here replaces the current one (and starts a new epoch)."""
+        plus `step` and `epoch`.
+
+        `epochs=E` runs until the E-th epoch end from here (started mid-epoch, the rest of
+        the current epoch counts as one). Without `epochs` and `steps` the constructor's
+        `max_steps`/`max_epochs` apply; they are left as they were afterwards. A
+        `data_loader` given here replaces the current one and starts a new epoch.
+        """
         check_int("epochs", epochs, minimum=1, allow_none=True)
         check_int("steps", steps, minimum=1, allow_none=True)
+        if data_loader is not None and not isinstance(data_loader, Iterable):
+            raise TypeError(f"data_loader must be an iterable of batches; got {type(data_loader).__name__}")
         if data_loader is not None:
-            if not isinstance(data_loader, Iterable):
-                raise TypeError(f"data_loader must be an iterable of batches; got {type(data_loader).__name__}")
-            self._given["data_loader"] = data_loader
-            if self._built:
-                self.data_loader = data_loader
-                self._data_iter = None
-                self.batch_in_epoch = 0
+            self._given["data_loader"] = data_loader  # what the default build_data_loader returns
         self._build()
+        if data_loader is not None and data_loader is not self.data_loader:
+            # A new loader, or one a subclass's build_data_loader did not return.
+            self.data_loader = data_loader
+            self._data_iter = None
+            self.batch_in_epoch = 0
+        limits = self.max_steps, self.max_epochs
         if epochs is not None or steps is not None:
             self._roll_over_if_epoch_done()
             self.max_epochs = self.epoch + epochs if epochs is not None else None
@@ -532,6 +599,7 @@ class BaseTrainer:
             self.train()
         finally:
             self._hooks_for["on_after_step"].remove(collector.on_after_step)
+            self.max_steps, self.max_epochs = limits
         return {**collector.metrics.compute(), "step": self.step, "epoch": self.epoch}
 
     # ======================================================================= logging
@@ -547,8 +615,9 @@ class BaseTrainer:
         self._call_hooks("on_log_images", records, dry_run)
 
     def _build_hooks_only(self) -> None:
-        if not hasattr(self, "_hooks_for"):
-            self._build()
+        """Logging before training needs the hooks, not the model or the data."""
+        if not self._hooks_ready:
+            self.hooks = self._prepare_hooks(self.build_hooks())
 
     # ======================================================================= state
 
@@ -592,6 +661,8 @@ class BaseTrainer:
         self.epoch = int(state_dict.get("epoch", 0))
         self.batch_in_epoch = int(state_dict.get("batch_in_epoch", 0))
         self._data_iter = None
+        restored_position = state_dict.get("data_loader") is not None and callable(getattr(self.data_loader, "load_state_dict", None))
+        self._skip_batches = 0 if restored_position else self.batch_in_epoch
         if state_dict.get("rng") is not None:
             set_rng_state(state_dict["rng"])
         self._call_hooks("on_load_state_dict", state_dict)
@@ -663,21 +734,16 @@ def _mean(losses: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def _average_on_device(all_records: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Average micro-step records key by key (NaN skipped) without leaving the device."""
+    """Average micro-step records key by key (NaN/inf skipped) without leaving the device."""
     columns: dict[str, list[Any]] = {}
     for records in all_records:
         for key, value in flatten_dict(records).items():
             columns.setdefault(key, []).append(value)
     averaged: dict[str, Any] = {}
     for key, values in columns.items():
-        tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        if tensors:
-            device = tensors[0].device
-            stacked = torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(()) for v in values])
-            averaged[key] = torch.nanmean(stacked)
-        else:
-            finite = [float(v) for v in values if not math.isnan(float(v))]
-            averaged[key] = sum(finite) / len(finite) if finite else math.nan
+        means = MetricMeans()
+        means.extend(key, values)
+        averaged[key] = means.device_mean(key)
     return unflatten_dict(averaged)
 
 
@@ -686,6 +752,12 @@ def _length(loader: Any) -> int | None:
         return len(loader)
     except TypeError:
         return None
+
+
+def _scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `scaler.unscale_(optimizer)` found inf/NaN gradients."""
+    found = scaler._found_inf_per_device(optimizer)
+    return bool(sum(v.item() for v in found.values()))
 
 
 def _check_optional_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:

@@ -102,7 +102,7 @@ class _MeanState:
         pending, self.pending = self.pending, []
         with torch.no_grad():
             values = _stack_scalars(self.name, pending).to(torch.float64)
-            finite = ~torch.isnan(values)
+            finite = torch.isfinite(values)
             part_sum = torch.where(finite, values, 0.0).sum()
             part_count = finite.sum()
         if self.dev_sum is None:
@@ -134,8 +134,9 @@ class MetricMeans:
     """Averages of named scalar metrics with at most one host transfer per `compute()`.
 
     `add(name, value)` accepts Python numbers, bools and single-element tensors; it never
-    synchronises with the device. NaN values are skipped (a key whose values are all NaN
-    averages to NaN). `compute(sync=True)` also averages across distributed ranks.
+    synchronises with the device. NaN and inf values are left out (an fp16 overflow step's
+    inf grad norm would otherwise hide the interval's other steps); a key with no finite
+    value averages to NaN. `compute(sync=True)` also averages across distributed ranks.
     """
 
     compact_every = 256
@@ -159,7 +160,7 @@ class MetricMeans:
                 state.fold_pending()
         elif isinstance(value, (int, float)):  # bool is an int
             value = float(value)
-            if not math.isnan(value):
+            if math.isfinite(value):
                 state.host_sum += value
                 state.host_count += 1
         else:
@@ -182,6 +183,16 @@ class MetricMeans:
             state.pending.extend(tensors)
             if len(state.pending) >= self.compact_every:
                 state.fold_pending()
+
+    def device_mean(self, name: str) -> Any:
+        """The mean of `name` as a 0-d float64 tensor on the values' device (no host sync),
+        or a float when only Python numbers were added."""
+        state = self._states[name]
+        if state.pending:
+            state.fold_pending()
+        if state.dev_sum is None:
+            return state.host_sum / state.host_count if state.host_count else math.nan
+        return (state.dev_sum + state.host_sum) / (state.dev_count + state.host_count)
 
     def add_nested(self, records: Mapping, prefix: str = "") -> None:
         for name, value in flatten_dict(records, prefix=prefix).items():
@@ -236,8 +247,8 @@ def _to_host_floats(values: list[Any], sync: bool) -> list[float]:
 def key_average(records: Sequence[Mapping] | Iterable[Mapping], sync: bool = False) -> dict[str, Any]:
     """Average nested dicts key by key.
 
-    A key missing from some dicts is averaged over the dicts that have it; NaN values are
-    ignored (all-NaN gives NaN). Values may be Python numbers or single-element tensors;
+    A key missing from some dicts is averaged over the dicts that have it; NaN and inf
+    values are ignored (no finite value gives NaN). Values may be Python numbers or single-element tensors;
     all tensors are brought to the host in one transfer.
 
     >>> key_average([{"loss": 0.5, "m": {"acc": 0.9}}, {"loss": 0.6, "m": {"acc": 0.85}}])

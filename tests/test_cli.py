@@ -152,3 +152,14 @@ def test_errors_exit_2_with_message_on_stderr(args, needle):
     assert "Traceback" not in proc.stderr
     assert not proc.stdout.strip()
 
+
+
+def test_config_without_a_limit_is_a_usage_error(tmp_path):
+    config = tmp_path / "nolimit.py"
+    config.write_text(
+        "trainer = dict(type='ClassificationTrainer', model_cfg=dict(type='MLP', in_features=64, out_features=10),\n"
+        "               optimizer_cfg=dict(type='torch.optim.SGD', lr=0.1), data_cfg=dict(type='digits_loaders'))\n"
+    )
+    proc = run_cli("train", str(config))
+    assert proc.returncode == 2
+    assert "max_steps or max_epochs" in proc.stderr and "Traceback" not in proc.stderr

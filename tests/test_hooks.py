@@ -153,3 +153,46 @@ def test_synced_logging_under_a_process_group(tmp_path):
         assert records["loss"] == pytest.approx(2.5) and records["nested"] == {"count": 1.0} and dry_run is False
     finally:
         dist.destroy_process_group()
+
+
+def test_log_before_training_builds_only_the_hooks_and_writes_jsonl(tmp_path):
+    from mini_trainer import BaseTrainer
+
+    class NotYet(BaseTrainer):
+        def build_model(self):
+            raise AssertionError("log() must not build the model")
+
+    trainer = NotYet(workspace=tmp_path, hooks=[LoggingHook()], device="cpu")
+    trainer.log({"eval_accuracy": 0.5, "bad": float("nan"), "t": torch.tensor(float("inf"))})
+    trainer.log({"eval_accuracy": 0.75})
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [
+        {"step": 0, "epoch": 0, "eval_accuracy": 0.5, "bad": None, "t": None},
+        {"step": 0, "epoch": 0, "eval_accuracy": 0.75},
+    ]
+
+
+def test_a_crash_still_logs_the_steps_before_it_and_closes_the_bar(tmp_path):
+    from mini_trainer import NonFiniteGradientError
+
+    batches = regression_batches(6, 4)
+    batches[3] = (torch.full((4, 4), float("nan")), torch.zeros(4, 1))
+    out = io.StringIO()
+    progress = ProgressHook(interval=100, file=out, bar=True)
+    trainer = make_trainer(batches, max_steps=6, workspace=tmp_path, hooks=[LoggingHook(interval=100), progress])
+    with pytest.raises(NonFiniteGradientError, match="step 4"):
+        trainer.train()
+    (line,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert line["step"] == 3 and line["loss"] > 0
+    assert progress._tqdm is None
+
+
+def test_fp16_overflow_steps_do_not_turn_the_logged_grad_norm_into_inf():
+    batches = regression_batches(4, 8)
+    batches[1] = (torch.full((8, 4), float("inf")), torch.zeros(8, 1))
+    logged = []
+    tap = type("Tap", (BaseHook,), {"on_log": lambda self, t, r, dry_run=False: logged.append(r)})()
+    trainer = make_trainer(batches, max_steps=4, mixed_precision="fp16", grad_clip=10.0,
+                           grad_scaler=torch.amp.GradScaler("cpu", init_scale=16.0), hooks=[LoggingHook(interval=4), tap])
+    trainer.train()
+    assert 0 < logged[0]["grad_norm"] < float("inf")

@@ -289,3 +289,161 @@ def test_compiled_model_unwraps_for_state_and_trains():
     trainer.train()
     assert trainer.model is not trainer.unwrapped_model
     assert set(trainer.state_dict()["model"]) == set(make_model().state_dict())
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+def test_only_the_optimizers_parameters_are_clipped_checked_and_measured():
+    model = make_model()
+    frozen_out = list(model[0].parameters())  # require grad, but the optimizer never sees them
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.0)
+    batch = regression_batches(1, 8)[0]
+    trainer = BaseTrainer(model=model, optimizer=opt, data_loader=[batch] * 4, forward_fn=mse_forward,
+                          max_steps=4, device="cpu")
+    norms = []
+
+    class Spy(BaseHook):
+        def on_after_step(self, trainer):
+            norms.append(float(trainer.step_info["grad_norm"]))
+
+    trainer._given["hooks"] = [Spy()]
+    trainer.train()
+    assert norms == pytest.approx([norms[0]] * 4)  # no build-up from the first layer's stale grads
+    assert all(p.grad is not None for p in frozen_out)  # the user's business, as in plain PyTorch
+
+
+def test_parameters_unfrozen_later_are_clipped_too():
+    model = make_model()
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.1)
+    trainer = BaseTrainer(model=model, optimizer=opt, data_loader=regression_batches(4, 8), forward_fn=mse_forward,
+                          max_steps=2, grad_clip=1e-3, device="cpu")
+    trainer.train()
+    opt.add_param_group({"params": list(model[0].parameters())})
+    before = flat_params(model[0]).clone()
+    trainer.max_steps = 3
+    trainer.train()
+    assert 0 < float((flat_params(model[0]) - before).norm()) <= 0.1 * 1e-3 * 1.0001
+
+
+def test_records_are_detached_and_may_not_shadow_step_metrics():
+    def forward(model, batch):
+        loss, _ = mse_forward(model, batch)
+        return loss, {"raw": loss, "nested": {"raw": loss * 2}}
+
+    trainer = make_trainer(regression_batches(2, 4), forward_fn=forward, max_steps=1)
+    trainer.train()
+    records = trainer.step_info["records"]
+    assert not records["raw"].requires_grad and not records["nested"]["raw"].requires_grad
+
+    clash = make_trainer(regression_batches(2, 4), forward_fn=lambda m, b: (mse_forward(m, b)[0], {"lr": 1.0}), max_steps=1)
+    with pytest.raises(ValueError, match=r"records named \['lr'\].*rename"):
+        clash.train()
+
+
+def test_fp16_overflow_step_does_not_advance_the_schedule():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    batches = regression_batches(4, 8)
+    batches[1] = (torch.full((8, 4), float("inf")), torch.zeros(8, 1))
+    skipped = []
+
+    class Spy(BaseHook):
+        def on_after_step(self, trainer):
+            skipped.append(trainer.step_info["skipped"])
+
+    trainer = BaseTrainer(model=model, optimizer=opt, lr_scheduler=sched, data_loader=batches, forward_fn=mse_forward,
+                          mixed_precision="fp16", grad_scaler=torch.amp.GradScaler("cpu", init_scale=16.0),
+                          hooks=[Spy()], max_steps=4, device="cpu")
+    with warnings_as_errors():
+        trainer.train()
+    assert skipped == [False, True, False, False]
+    assert sched.last_epoch == 3
+
+
+def warnings_as_errors():
+    import warnings
+
+    class _Ctx:
+        def __enter__(self):
+            self._cm = warnings.catch_warnings()
+            self._cm.__enter__()
+            warnings.simplefilter("error", UserWarning)
+
+        def __exit__(self, *exc):
+            return self._cm.__exit__(*exc)
+
+    return _Ctx()
+
+
+def test_resume_mid_epoch_skips_the_batches_already_seen_with_a_plain_loader():
+    batches = regression_batches(6, 4)
+    seen = []
+
+    def forward(model, batch):
+        seen.append(batch[0][0, 0].item())
+        return mse_forward(model, batch)
+
+    first = make_trainer(batches, forward_fn=forward, max_steps=2)
+    first.train()
+    state = first.state_dict()
+    seen.clear()
+    second = make_trainer(batches, forward_fn=forward, max_steps=4)
+    second.load_state_dict(state)
+    second.train()
+    assert seen == [batches[2][0][0, 0].item(), batches[3][0][0, 0].item()]
+
+
+def test_resume_at_an_epoch_end_with_a_stateful_loader_keeps_every_epoch():
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader():
+        x, y = regression_batches(1, 20)[0]
+        return StatefulDataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=True,
+                                  generator=torch.Generator().manual_seed(0))
+
+    epochs_seen = []
+
+    class Spy(BaseHook):
+        def on_after_step(self, trainer):
+            epochs_seen.append(trainer.epoch)
+
+    straight = make_trainer(loader(), max_epochs=3, hooks=[Spy()])
+    straight.train()
+    reference, epochs_seen[:] = list(epochs_seen), []
+
+    first = make_trainer(loader(), max_epochs=1, hooks=[Spy()])
+    first.train()
+    state = first.state_dict()
+    second = make_trainer(loader(), max_epochs=3, hooks=[Spy()])
+    second.load_state_dict(state)
+    second.train()
+    assert (second.step, second.epoch) == (15, 3)
+    assert epochs_seen == reference == [0] * 5 + [1] * 5 + [2] * 5
+
+
+def test_fit_uses_the_given_loader_with_a_subclass_and_restores_limits():
+    trainer = SubclassTrainer(max_steps=100, device="cpu")
+    loader, sampler = _loader()
+    metrics = trainer.fit(loader, steps=3)
+    assert sampler.epochs == [0] and trainer.data_loader is loader
+    assert metrics["step"] == 3 and (trainer.max_steps, trainer.max_epochs) == (100, None)
+    mid = trainer.fit(epochs=1)  # the rest of the current epoch counts as one
+    assert (mid["step"], mid["epoch"]) == (4, 1)
+
+
+def test_train_twice_continues_and_should_stop_ends_early():
+    trainer = make_trainer(regression_batches(4, 4), max_steps=2)
+    trainer.train()
+    trainer.max_steps = 5
+    trainer.train()
+    assert trainer.step == 5
+
+    class StopAt(BaseHook):
+        def on_after_step(self, trainer):
+            trainer.should_stop = trainer.step >= 2
+
+    stopper = make_trainer(regression_batches(4, 4), max_steps=10, hooks=[StopAt()])
+    stopper.train()
+    assert stopper.step == 2

@@ -24,6 +24,7 @@ HOOK_EVENTS = (
     "on_log_images",
     "on_state_dict",
     "on_load_state_dict",
+    "on_exception",
 )
 
 
@@ -38,6 +39,8 @@ class BaseHook:
       not write anything.
     - `on_state_dict(trainer, state_dict)` / `on_load_state_dict(trainer, state_dict)`: put
       this hook's state into `state_dict["hooks"][<a key of your own>]` and read it back.
+    - `on_exception(trainer, error)`: training is ending with `error` (raised again right
+      after): flush and close what the hook holds. `on_after_train` does not run then.
     """
 
     #: Run order among hooks (lower first). Users never need to order their hook list.
@@ -65,6 +68,9 @@ class BaseHook:
         pass
 
     def on_load_state_dict(self, trainer: BaseTrainer, state_dict: Mapping[str, Any]) -> None:
+        pass
+
+    def on_exception(self, trainer: BaseTrainer, error: BaseException) -> None:
         pass
 
 

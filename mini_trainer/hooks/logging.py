@@ -29,7 +29,8 @@ class LoggingHook(BaseHook):
         interval: steps between two `trainer.log` calls (and at the end of training).
         sync: average across distributed ranks (every rank must run this hook).
         jsonl: also append logged records to `<workspace>/metrics.jsonl` (main process only;
-            nothing is written when the trainer has no workspace).
+            nothing is written when the trainer has no workspace). Non-finite numbers are
+            written as null, so every line is strict JSON.
     """
 
     def __init__(self, interval: int = 100, sync: bool = True, jsonl: bool = True) -> None:
@@ -38,16 +39,9 @@ class LoggingHook(BaseHook):
         self.sync = bool(sync)
         self.jsonl = bool(jsonl)
         self._metrics = StepMetrics()
-        self._file: Any = None
-        self._path: Path | None = None
-
-    @property
-    def metrics_path(self) -> Path | None:
-        return self._path
 
     def on_before_train(self, trainer: BaseTrainer) -> None:
         self._metrics.reset()
-        self._path = trainer.workspace / "metrics.jsonl" if (self.jsonl and trainer.workspace) else None
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
         self._metrics.add(trainer.step_info)
@@ -57,28 +51,45 @@ class LoggingHook(BaseHook):
     def on_after_train(self, trainer: BaseTrainer) -> None:
         if self._metrics.steps:
             self._flush(trainer)
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+
+    def on_exception(self, trainer: BaseTrainer, error: BaseException) -> None:
+        # What the last steps before a crash did is often the most useful line of the run;
+        # no collectives here: other ranks may not be logging.
+        if self._metrics.steps:
+            records = self._metrics.compute(sync=False)
+            self._metrics.reset()
+            trainer.log(records, dry_run=not is_main_process())
 
     def _flush(self, trainer: BaseTrainer) -> None:
         records = self._metrics.compute(sync=self.sync)
         self._metrics.reset()
         trainer.log(records, dry_run=not is_main_process())
 
+    def metrics_path(self, trainer: BaseTrainer) -> Path | None:
+        """Where this hook appends logged records (None: not written)."""
+        return trainer.workspace / "metrics.jsonl" if (self.jsonl and trainer.workspace is not None) else None
+
     def on_log(self, trainer: BaseTrainer, records: Mapping[str, Any], dry_run: bool = False) -> None:
-        if dry_run or self._path is None:
+        path = self.metrics_path(trainer)
+        if dry_run or path is None:
             return
-        if self._file is None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self._path, "a", encoding="utf-8")
         line = {"step": trainer.step, "epoch": trainer.epoch, **records}
-        self._file.write(json.dumps(line, default=_jsonable, allow_nan=True) + "\n")
-        self._file.flush()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Open, append, close: at most once per interval, and nothing is left open if the
+        # process dies or logs again after training.
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(json.dumps(_json_safe(line), allow_nan=False) + "\n")
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):  # 0-d tensors / numpy scalars logged by the user
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # 0-d tensors, numpy scalars
         value = value.item()
-        return None if isinstance(value, float) and not math.isfinite(value) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
     return str(value)

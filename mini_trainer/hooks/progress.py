@@ -68,7 +68,7 @@ class ProgressHook(BaseHook):
     def on_before_train(self, trainer: BaseTrainer) -> None:
         self._metrics.reset()
         self._start_step = trainer.step
-        self._eta_anchor: tuple[int, float] | None = None
+        self._eta_anchor: tuple[int, float] | None = (trainer.step, time.perf_counter()) if self.eta_warmup == 0 else None
         self._out = self.file or sys.stdout
         self._tqdm = None
         use_bar = self.bar if self.bar is not None else _isatty(self._out)
@@ -95,6 +95,12 @@ class ProgressHook(BaseHook):
     def on_after_train(self, trainer: BaseTrainer) -> None:
         if self._metrics.steps:
             self._report(trainer)
+        self._close()
+
+    def on_exception(self, trainer: BaseTrainer, error: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
         if self._tqdm is not None:
             self._tqdm.close()
             self._tqdm = None
