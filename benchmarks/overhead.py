@@ -21,6 +21,7 @@ on its last line.
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import statistics
@@ -107,6 +108,11 @@ def measure(data_kind: str, bare: bool | None, rounds: int, steps: int) -> dict[
     else:
         plain, trainer = PlainLoop(data, clip=not bare), TrainerRun(data, bare)
     plain.run(20), trainer.run(20)  # warm-up: allocator, first-call costs
+    # Python's full garbage collections walk every object torch created at import (about
+    # 90 ms here) and land on whichever side happens to trigger them: freeze what exists
+    # now so they stop dominating the noise. Both sides still pay their own collections.
+    gc.collect()
+    gc.freeze()
     ratios, plain_times, trainer_times = [], [], []
     for r in range(rounds):
         order = (plain, trainer) if r % 2 == 0 else (trainer, plain)
