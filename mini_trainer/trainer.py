@@ -32,7 +32,7 @@ from torch import nn
 
 from . import distributed
 from .hooks.base import HOOK_EVENTS, BaseHook, overridden_events
-from .hooks.metrics import StepMetrics
+from .hooks.metrics import RESERVED_NAMES, StepMetrics
 from .precision import autocast_factory, default_grad_scaler, resolve_precision
 from .utils import MetricMeans, check_int, check_number, flatten_dict, map_nested_tensor, unflatten_dict, unwrap
 
@@ -50,9 +50,6 @@ class _EndOfData:
 
 
 _END_OF_DATA = _EndOfData()
-
-#: step_info keys hooks average; user records may not reuse them.
-_RESERVED_RECORDS = frozenset({"loss", "grad_norm", "lr", "data_time", "step_time", "retries", "micro_steps", "skipped", "wall_time"})
 
 
 class BaseTrainer:
@@ -477,8 +474,8 @@ class BaseTrainer:
             return loss, {}
         if not isinstance(records, Mapping):
             raise TypeError(f"forward returned records of type {type(records).__name__}; they must be a dict")
-        if not _RESERVED_RECORDS.isdisjoint(records):
-            clash = sorted(_RESERVED_RECORDS.intersection(records))
+        if not RESERVED_NAMES.isdisjoint(records):
+            clash = sorted(RESERVED_NAMES.intersection(records))
             raise ValueError(f"forward returned records named {clash}: these names are the trainer's own step metrics; rename them")
         # Hooks keep records for a whole interval: they must not keep autograd graphs alive.
         if any(isinstance(v, torch.Tensor) and v.requires_grad or isinstance(v, Mapping) for v in records.values()):

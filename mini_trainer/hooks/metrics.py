@@ -13,6 +13,9 @@ from ..utils import MetricMeans, flatten_dict, unflatten_dict
 #: step_info entries averaged over an interval (others are ignored).
 STEP_KEYS = ("loss", "grad_norm", "data_time", "step_time", "retries")
 
+#: Names the trainer and these reports use themselves; user records may not take them.
+RESERVED_NAMES = frozenset({*STEP_KEYS, "lr", "wall_time", "micro_steps", "skipped"})
+
 
 class StepMetrics:
     """Averages of the built-in step metrics and the user's records since `reset()`."""

@@ -22,7 +22,7 @@ from ..builder import REGISTRY
 from ..distributed import is_main_process
 from ..utils import check_int, flatten_dict
 from .base import BaseHook
-from .metrics import StepMetrics
+from .metrics import RESERVED_NAMES, StepMetrics
 
 if TYPE_CHECKING:
     from ..trainer import BaseTrainer
@@ -145,8 +145,7 @@ class ProgressHook(BaseHook):
             parts.append(f"retries {values['retries']:.2f}")
         text = " ".join(parts)
         if self.with_records:
-            skip = {*_MAIN_KEYS, "lr", "wall_time", "data_time", "step_time", "retries"}
-            extra = {k: v for k, v in flatten_dict(values).items() if k not in skip}
+            extra = {k: v for k, v in flatten_dict(values).items() if k not in RESERVED_NAMES}
             if extra:
                 text += " | " + " ".join(f"{k} {_fmt(v)}" for k, v in extra.items())
         return text
