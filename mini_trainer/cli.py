@@ -1,5 +1,6 @@
 """`mini-trainer train CONFIG [key.path=value ...]`: build the config's trainer, train it,
-evaluate it when it can, print the results. Runs the same under `torchrun`."""
+evaluate it when it can, print the results. Only the main process prints; `python -m
+mini_trainer` is the same entry point (what `torchrun -m mini_trainer` starts)."""
 
 from __future__ import annotations
 
