@@ -40,8 +40,6 @@ def load_config(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] |
 
 
 def _load_file(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    if not isinstance(path, Path):
-        raise TypeError(f"config path must be a str or Path; got {type(path).__name__}")
     path = path.expanduser()
     if path.suffix != ".py":
         raise ValueError(f"config path must be a Python file ending in .py; got {str(path)!r}")
@@ -73,6 +71,8 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         raise TypeError(f"{path}: 'parents' must be a list of paths; got {parents!r}")
     merged: dict[str, Any] = {}
     for parent in parents:
+        if not isinstance(parent, (str, Path)):
+            raise TypeError(f"{path}: 'parents' entries must be paths; got {type(parent).__name__} {parent!r}")
         parent_path = Path(parent)
         if not parent_path.is_absolute():
             parent_path = resolved.parent / parent_path

@@ -13,12 +13,14 @@ A user either subclasses and implements `build_data_loader`, `build_model`,
                                                         # step, zero_grad(set_to_none), scheduler
 
 Losses and records stay on the device; hooks reduce them when they report. The only host
-read in the loop is the non-finite check's single boolean per step (switch it off with
-`max_non_finite_grad_retries=None`).
+read in the loop is one scalar per step: the fused gradient norm for the non-finite check
+(switch it off with `max_non_finite_grad_retries=None`), or with fp16 the GradScaler's
+overflow flag.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -173,7 +175,7 @@ class BaseTrainer:
         self._hooks_ready = False
         self._data_iter: Iterator | None = None
         self._skip_batches = 0  # batches to fast-forward after a resume (non-stateful loaders)
-        self._param_key = -1
+        self._param_key: tuple[int, int] | None = None
         self._params: list[torch.Tensor] = []
 
     # ======================================================================= build
@@ -448,7 +450,7 @@ class BaseTrainer:
         """The parameters the optimizer updates (re-read when param groups change, e.g.
         after `add_param_group` to unfreeze layers): what is clipped, checked, rescaled."""
         groups = self.optimizer.param_groups
-        key = sum(len(group["params"]) for group in groups) * 1000 + len(groups)
+        key = (len(groups), sum(len(group["params"]) for group in groups))
         if key != self._param_key:
             self._param_key = key
             self._params = [p for group in groups for p in group["params"]]
@@ -590,14 +592,18 @@ class BaseTrainer:
             self._roll_over_if_epoch_done()
             self.max_epochs = self.epoch + epochs if epochs is not None else None
             self.max_steps = self.step + steps if steps is not None else None
-        collector = _FitMetrics()
-        self._hooks_for["on_after_step"].append(collector.on_after_step)
+        metrics = StepMetrics()  # averages over this call, read once at the end
+
+        def collect(trainer: BaseTrainer) -> None:
+            metrics.add(trainer.step_info)
+
+        self._hooks_for["on_after_step"].append(collect)
         try:
             self.train()
         finally:
-            self._hooks_for["on_after_step"].remove(collector.on_after_step)
+            self._hooks_for["on_after_step"].remove(collect)
             self.max_steps, self.max_epochs = limits
-        return {**collector.metrics.compute(), "step": self.step, "epoch": self.epoch}
+        return {**metrics.compute(), "step": self.step, "epoch": self.epoch}
 
     # ======================================================================= logging
 
@@ -652,14 +658,15 @@ class BaseTrainer:
             self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
         if self.grad_scaler is not None and state_dict.get("grad_scaler") is not None:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
-        if state_dict.get("data_loader") is not None and callable(getattr(self.data_loader, "load_state_dict", None)):
+        loader_resumes = state_dict.get("data_loader") is not None and callable(getattr(self.data_loader, "load_state_dict", None))
+        if loader_resumes:
             self.data_loader.load_state_dict(state_dict["data_loader"])
         self.step = int(state_dict["step"])
         self.epoch = int(state_dict.get("epoch", 0))
         self.batch_in_epoch = int(state_dict.get("batch_in_epoch", 0))
         self._data_iter = None
-        restored_position = state_dict.get("data_loader") is not None and callable(getattr(self.data_loader, "load_state_dict", None))
-        self._skip_batches = 0 if restored_position else self.batch_in_epoch
+        # A loader that cannot restore its position is fast-forwarded to it instead.
+        self._skip_batches = 0 if loader_resumes else self.batch_in_epoch
         if state_dict.get("rng") is not None:
             set_rng_state(state_dict["rng"])
         self._call_hooks("on_load_state_dict", state_dict)
@@ -701,25 +708,7 @@ class BaseTrainer:
 # =========================================================================== helpers
 
 
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-_NULL = _NullContext()
-
-
-class _FitMetrics:
-    """Averages over a `fit()` call; device-side sums, read once at the end."""
-
-    def __init__(self) -> None:
-        self.metrics = StepMetrics()
-
-    def on_after_step(self, trainer: BaseTrainer) -> None:
-        self.metrics.add(trainer.step_info)
+_NULL = contextlib.nullcontext()  # reusable: it holds no state
 
 
 def _mean(losses: list[torch.Tensor]) -> torch.Tensor | None:

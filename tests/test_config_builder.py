@@ -621,3 +621,9 @@ def test_missing_type_key_and_non_dict_cfg():
 def test_bad_arguments_name_the_type():
     with pytest.raises(TypeError, match=r"torch\.nn\.modules\.linear\.Linear"):
         build_from_cfg({"type": "torch.nn.Linear", "in_features": 2})
+
+
+def test_bad_parents_entry_is_rejected(tmp_path):
+    a = write(tmp_path / "a.py", "parents = [3]\n")
+    with pytest.raises(TypeError, match="'parents' entries must be paths; got int 3"):
+        load_config(a)

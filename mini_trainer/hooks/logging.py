@@ -56,12 +56,10 @@ class LoggingHook(BaseHook):
         # What the last steps before a crash did is often the most useful line of the run;
         # no collectives here: other ranks may not be logging.
         if self._metrics.steps:
-            records = self._metrics.compute(sync=False)
-            self._metrics.reset()
-            trainer.log(records, dry_run=not is_main_process())
+            self._flush(trainer, sync=False)
 
-    def _flush(self, trainer: BaseTrainer) -> None:
-        records = self._metrics.compute(sync=self.sync)
+    def _flush(self, trainer: BaseTrainer, sync: bool | None = None) -> None:
+        records = self._metrics.compute(sync=self.sync if sync is None else sync)
         self._metrics.reset()
         trainer.log(records, dry_run=not is_main_process())
 
