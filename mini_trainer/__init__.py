@@ -6,10 +6,10 @@ Subclass `BaseTrainer` (or pass ready objects to it), add hooks, train. See READ
 from .builder import REGISTRY, Registry, build_from_cfg
 from .classification import ClassificationTrainer
 from .config import load_config
-from .hooks import BaseHook, LoggingHook, ProgressHook
+from .hooks import BaseHook, CheckpointingHook, CudaMaxMemoryHook, EmaHook, LoggingHook, ProgressHook
 from .trainer import BaseTrainer, NonFiniteGradientError
 from .utils import key_average, map_nested_tensor, unwrap
-from . import datasets, models, schedules  # noqa: F401  (register their builders)
+from . import checkpoint, data, datasets, models, schedules  # noqa: F401  (register their builders)
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,9 @@ __all__ = [
     "BaseHook",
     "ProgressHook",
     "LoggingHook",
+    "CheckpointingHook",
+    "EmaHook",
+    "CudaMaxMemoryHook",
     "REGISTRY",
     "Registry",
     "build_from_cfg",

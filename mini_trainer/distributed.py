@@ -23,6 +23,8 @@ __all__ = [
     "all_reduce_sum",
     "all_reduce_mean",
     "union_of_names",
+    "agree_max",
+    "barrier",
     "gradient_sync",
     "all_reduce_gradients",
 ]
@@ -63,6 +65,33 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean over ranks. SUM then divide, because ReduceOp.AVG exists only on NCCL."""
     world = get_world_size()
     return all_reduce_sum(tensor) / world if world > 1 else tensor
+
+
+def agree_max(value: int) -> int:
+    """The largest `value` over ranks: every rank takes the same decision (e.g. "a rank got
+    SIGTERM: all save and stop") at the same step. MAX works on gloo and NCCL alike."""
+    if not is_distributed() or get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def barrier(timeout: float | None = None) -> bool:
+    """Wait for every rank; False when `timeout` seconds passed first (the others may be
+    gone). A no-op in a single process."""
+    if not is_distributed() or get_world_size() == 1:
+        return True
+    work = dist.barrier(async_op=True)
+    if timeout is None:
+        work.wait()
+        return True
+    import datetime
+
+    try:
+        return bool(work.wait(timeout=datetime.timedelta(seconds=timeout)))
+    except RuntimeError:  # gloo raises on timeout
+        return False
 
 
 def union_of_names(names: list[str]) -> list[str]:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .hooks.base import HOOK_EVENTS, BaseHook, overridden_events
+from .hooks.base import HOOK_EVENTS, BaseHook, hook_priority, overridden_events
 from .hooks.metrics import RESERVED_NAMES, StepMetrics
 from .precision import autocast_factory, default_grad_scaler, resolve_precision
 from .utils import MetricMeans, check_int, check_number, flatten_dict, map_nested_tensor, unflatten_dict, unwrap
@@ -175,6 +175,7 @@ class BaseTrainer:
         self._hooks_ready = False
         self._data_iter: Iterator | None = None
         self._skip_batches = 0  # batches to fast-forward after a resume (non-stateful loaders)
+        self._loader_restored = False  # the loader's next iterator continues a checkpointed epoch
         self._param_key: tuple[int, int] | None = None
         self._params: list[torch.Tensor] = []
 
@@ -260,14 +261,14 @@ class BaseTrainer:
         for i, hook in enumerate(hooks):
             if not isinstance(hook, BaseHook):
                 raise TypeError(f"hooks[{i}] must be a BaseHook instance; got {type(hook).__name__}")
-        ordered = sorted(hooks, key=lambda h: h.priority)  # stable: equal priorities keep user order
-        # Per event, only the hooks that implement it: an idle hook costs nothing per step.
-        self._hooks_for = {event: [] for event in HOOK_EVENTS}
-        for hook in ordered:
-            for event in overridden_events(hook):
-                self._hooks_for[event].append(getattr(hook, event))
+        # Per event, only the hooks that implement it, in that event's priority order (the
+        # sort is stable: equal priorities keep the user's order). An idle hook costs nothing.
+        self._hooks_for = {
+            event: [getattr(h, event) for h in sorted(hooks, key=lambda h: hook_priority(h, event)) if event in overridden_events(h)]
+            for event in HOOK_EVENTS
+        }
         self._hooks_ready = True
-        return ordered
+        return sorted(hooks, key=hook_priority)
 
     def _call_hooks(self, event: str, *args: Any) -> None:
         for method in self._hooks_for[event]:
@@ -518,6 +519,7 @@ class BaseTrainer:
         self.epoch += 1
         self.batch_in_epoch = 0
         self._data_iter = None
+        self._skip_batches = 0
 
     def _roll_over_if_epoch_done(self) -> None:
         """Close an epoch whose last batch was drawn, when the loader's length says so:
@@ -541,14 +543,22 @@ class BaseTrainer:
             if obj is not None and id(obj) not in seen and callable(getattr(obj, "set_epoch", None)):
                 seen.add(id(obj))
                 obj.set_epoch(self.epoch)
+        if not (self._loader_restored or self._skip_batches):
+            return iter(loader)
+        # Continuing an epoch after a resume. The uninterrupted run created this epoch's
+        # iterator before the checkpoint was taken, and creating one draws from the global
+        # RNG (a DataLoader draws its worker seed): draw again now and every later random
+        # number (dropout masks, ...) would shift. So the global RNG is put back afterwards.
+        saved = rng_state()
         iterator = iter(loader)
-        if self._skip_batches:
-            # Resuming mid-epoch with a loader that cannot save its position: skip the
-            # batches already trained on (same order only if the loader's shuffle is
-            # seeded per epoch; a StatefulDataLoader resumes exactly).
-            for _ in range(self._skip_batches):
-                next(iterator, None)
-            self._skip_batches = 0
+        # A loader that cannot save its position skips the batches already trained on
+        # (the same ones only if its order is seeded per epoch; a StatefulDataLoader
+        # resumes exactly).
+        for _ in range(self._skip_batches):
+            next(iterator, None)
+        set_rng_state(saved)
+        self._loader_restored = False
+        self._skip_batches = 0
         return iterator
 
     def estimated_total_steps(self) -> int | None:
@@ -667,6 +677,7 @@ class BaseTrainer:
         self._data_iter = None
         # A loader that cannot restore its position is fast-forwarded to it instead.
         self._skip_batches = 0 if loader_resumes else self.batch_in_epoch
+        self._loader_restored = loader_resumes
         if state_dict.get("rng") is not None:
             set_rng_state(state_dict["rng"])
         self._call_hooks("on_load_state_dict", state_dict)
@@ -796,7 +807,10 @@ def rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+        # The key array as a tensor: the state then holds only types that safetensors/JSON
+        # and `torch.load(weights_only=True)` accept.
+        state["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian)
     except ImportError:
         pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -810,7 +824,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+        np.random.set_state((name, keys.astype(np.uint32), int(position), int(has_gauss), float(cached_gaussian)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

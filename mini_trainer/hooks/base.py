@@ -1,10 +1,12 @@
 """The hook interface. A hook overrides any of the `on_*` methods; the trainer calls only
 the methods a hook actually overrides, so an idle hook costs nothing per step.
 
-Hooks never depend on their position in the user's list: the trainer runs them sorted by
-the class attribute `priority` (lower first, stable for equal values). Built-in hooks that
-must see another hook's result use it, e.g. EMA weights are updated before a checkpoint
-that stores them is written.
+Hooks never depend on their position in the user's list: for each event the trainer runs
+them sorted by the class attribute `priority` (lower first, stable for equal values). A
+priority can differ per event (`{"on_after_step": 90, "default": 0}`): the checkpointing
+hook restores a checkpoint before any other hook starts (so progress and ETA see the
+resumed step) but saves after every other hook has finished the step (so the EMA weights
+it stores are this step's).
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ class BaseHook:
       after): flush and close what the hook holds. `on_after_train` does not run then.
     """
 
-    #: Run order among hooks (lower first). Users never need to order their hook list.
-    priority: int = 0
+    #: Run order among hooks (lower first): an int, or `{event: int, "default": int}` for
+    #: a per-event order. Users never need to order their hook list.
+    priority: int | Mapping[str, int] = 0
 
     def on_before_train(self, trainer: BaseTrainer) -> None:
         pass
@@ -78,3 +81,11 @@ def overridden_events(hook: BaseHook) -> list[str]:
     """The `on_*` methods `hook` implements itself (the ones worth calling)."""
     cls = type(hook)
     return [name for name in HOOK_EVENTS if getattr(cls, name) is not getattr(BaseHook, name)]
+
+
+def hook_priority(hook: BaseHook, event: str = "default") -> int:
+    """`hook`'s place in the run order of `event` (lower runs first)."""
+    priority = hook.priority
+    if isinstance(priority, Mapping):
+        return priority.get(event, priority.get("default", 0))
+    return priority

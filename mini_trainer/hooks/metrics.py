@@ -13,8 +13,11 @@ from ..utils import MetricMeans, flatten_dict, unflatten_dict
 #: step_info entries averaged over an interval (others are ignored).
 STEP_KEYS = ("loss", "grad_norm", "data_time", "step_time", "retries")
 
+#: step_info entries reported as their latest value in an interval (a rate, a running peak).
+LATEST_KEYS = ("lr", "max_memory", "max_rss")
+
 #: Names the trainer and these reports use themselves; user records may not take them.
-RESERVED_NAMES = frozenset({*STEP_KEYS, "lr", "wall_time", "micro_steps", "skipped"})
+RESERVED_NAMES = frozenset({*STEP_KEYS, *LATEST_KEYS, "wall_time", "micro_steps", "skipped"})
 
 
 class StepMetrics:
@@ -27,7 +30,7 @@ class StepMetrics:
         self.means = MetricMeans()
         self.steps = 0
         self.started = time.perf_counter()
-        self.lr: Any = None
+        self.latest: dict[str, Any] = {}
         self._infos: list[Mapping[str, Any]] = []
 
     def reset(self) -> None:
@@ -59,16 +62,19 @@ class StepMetrics:
                 columns.setdefault(name, []).append(value)
         for name, values in columns.items():
             self.means.extend(name, values)
-        lr = infos[-1].get("lr") if infos else None
-        if lr is not None:
-            self.lr = lr
+        if infos:
+            for key in LATEST_KEYS:
+                value = infos[-1].get(key)
+                if value is not None:
+                    self.latest[key] = value
 
     def compute(self, sync: bool = False) -> dict[str, Any]:
-        """Nested `{name: mean}`, plus `lr` (the latest value) and `wall_time` per step."""
+        """Nested `{name: mean}`, plus the latest `lr` (and peak memory when a memory hook
+        reports it) and `wall_time` per step."""
         self._fold()
         values = unflatten_dict(self.means.compute(sync=sync))
-        if self.lr is not None:
-            values["lr"] = float(self.lr)
+        for key, value in self.latest.items():
+            values[key] = float(value)
         if self.steps:
             values["wall_time"] = (time.perf_counter() - self.started) / self.steps
         return values

@@ -141,6 +141,9 @@ class ProgressHook(BaseHook):
                 parts.append(f"{key} {_fmt(values[key])}")
         if "lr" in values:
             parts.append(f"lr {values['lr']:.2e}")
+        for key in ("max_memory", "max_rss"):
+            if key in values:
+                parts.append(f"{key} {values[key]:.2f}GiB")
         if values.get("retries"):
             parts.append(f"retries {values['retries']:.2f}")
         text = " ".join(parts)

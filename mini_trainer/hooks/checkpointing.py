@@ -1,0 +1,250 @@
+"""CheckpointingHook: save every N steps and at the end, resume automatically, and turn
+SIGTERM/SIGINT (preemption, Ctrl-C) into "finish this step, save, exit 128+signal".
+
+The contract users rely on: kill the process at any instant, start the same command again,
+and the run ends with the same weights, bit for bit, as one that never stopped. The state
+saved is `trainer.state_dict()` (model, optimizer, scheduler, scaler, counters, data-loader
+position, RNG, hook states) written by `mini_trainer.checkpoint` (atomic, hashed, no pickle).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from .. import checkpoint, distributed
+from ..builder import REGISTRY
+from ..utils import check_int, check_number
+from .base import BaseHook
+
+if TYPE_CHECKING:
+    from ..trainer import BaseTrainer
+
+logger = logging.getLogger("mini_trainer")
+
+_EXIT_CODE_FROM_SIGNAL = "128+signal"
+
+
+@REGISTRY.register()
+class CheckpointingHook(BaseHook):
+    """Save checkpoints every `interval` steps and at the end; resume on start.
+
+    Args:
+        interval: steps between two checkpoints (None: only at the end and on a signal).
+        keep_previous: how many of the newest checkpoints to keep (>= 1).
+        keep_interval: also keep every checkpoint whose step is a multiple of this.
+        path: the checkpoint directory; a relative path is taken inside `trainer.workspace`
+            when the trainer has one.
+        load: where to resume from when training starts.
+            "latest": the newest valid checkpoint in `path` (none: start from scratch).
+            a path (a checkpoint directory, another run's checkpoint directory, or a
+            `.pt` state dict): start from it, unless `path` already holds a checkpoint of
+            this run, which then wins, so a preempted job restarted with the same command
+            continues instead of starting over.
+            None: never resume; `path` must not hold checkpoints already (they would mix
+            with this run's).
+        exit_signals: signals that mean "save and stop": the current step finishes, a
+            checkpoint is written, and the process exits with `exit_code`. A second
+            signal of the same kind gets its previous behaviour (e.g. Ctrl-C twice stops
+            at once; the checkpoint on disk stays valid whatever happens).
+        exit_code: "128+signal" (143 for SIGTERM, 130 for SIGINT, as shells report a
+            death by signal) or a fixed integer.
+        exit_wait: in a distributed run, seconds to wait for the other ranks to finish
+            their own save before exiting.
+        save_at_end: also save when training ends normally.
+        fsync: flush files to the disk before a checkpoint counts as written (switch off
+            only for throwaway runs on slow network disks).
+    """
+
+    # Restore before any other hook starts (progress and ETA then see the resumed step);
+    # save after every other hook finished the step (the EMA weights saved are this step's).
+    priority = {"on_before_train": -100, "default": 100}
+
+    def __init__(
+        self,
+        interval: int | None = 1000,
+        keep_previous: int = 2,
+        keep_interval: int | None = None,
+        path: str | os.PathLike = "checkpoints",
+        load: str | os.PathLike | None = "latest",
+        exit_signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
+        exit_code: int | str = _EXIT_CODE_FROM_SIGNAL,
+        exit_wait: float = 60.0,
+        save_at_end: bool = True,
+        fsync: bool = True,
+    ) -> None:
+        check_int("CheckpointingHook.interval", interval, minimum=1, allow_none=True)
+        check_int("CheckpointingHook.keep_previous", keep_previous, minimum=1)
+        check_int("CheckpointingHook.keep_interval", keep_interval, minimum=1, allow_none=True)
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"CheckpointingHook.path must be a str or Path; got {type(path).__name__} {path!r}")
+        if load is not None and not isinstance(load, (str, os.PathLike)):
+            raise TypeError(f"CheckpointingHook.load must be 'latest', a path or None; got {type(load).__name__} {load!r}")
+        if isinstance(exit_signals, (int, str)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in exit_signals):
+            raise TypeError(f"CheckpointingHook.exit_signals must be a list of signal numbers (e.g. [signal.SIGTERM]); got {exit_signals!r}")
+        valid = set(signal.valid_signals())
+        for signum in exit_signals:
+            if signum not in valid or signum in (signal.SIGKILL, getattr(signal, "SIGSTOP", -1)):
+                raise ValueError(f"CheckpointingHook.exit_signals: {signum!r} is not a signal that can be caught")
+        if exit_code != _EXIT_CODE_FROM_SIGNAL:
+            check_int("CheckpointingHook.exit_code", exit_code, minimum=0)
+            if exit_code > 255:
+                raise ValueError(f"CheckpointingHook.exit_code must be '128+signal' or an integer in 0..255; got {exit_code!r}")
+        check_number("CheckpointingHook.exit_wait", exit_wait, allow_none=False)
+        if exit_wait < 0:
+            raise ValueError(f"CheckpointingHook.exit_wait must be >= 0 seconds; got {exit_wait!r}")
+
+        self.interval = interval
+        self.keep_previous = keep_previous
+        self.keep_interval = keep_interval
+        self.path = Path(path)
+        self.load = load
+        self.exit_signals = [signal.Signals(s) for s in exit_signals]
+        self.exit_code = exit_code
+        self.exit_wait = float(exit_wait)
+        self.save_at_end = bool(save_at_end)
+        self.fsync = bool(fsync)
+
+        self.directory: Path | None = None  # `path` resolved against the workspace
+        self.last_saved: Path | None = None
+        self.resumed_from: Path | None = None
+        self._started = False  # resume only on the first train() of this hook
+        self._last_saved_step: int | None = None
+        self._signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ events
+
+    def on_before_train(self, trainer: BaseTrainer) -> None:
+        self.directory = self._resolve(trainer)
+        if not self._started:
+            self._started = True
+            self._resume(trainer)
+        self._install_signal_handlers()
+
+    def on_after_step(self, trainer: BaseTrainer) -> None:
+        signum = self._agreed_signal()
+        if signum or (self.interval is not None and trainer.step % self.interval == 0):
+            self.save(trainer)
+        if signum:
+            self._exit(trainer, signum)
+
+    def on_after_train(self, trainer: BaseTrainer) -> None:
+        try:
+            if self.save_at_end and trainer.step != self._last_saved_step:
+                self.save(trainer)
+            signum = self._agreed_signal()
+            if signum:  # arrived after the last step: the final checkpoint above has it all
+                if trainer.step != self._last_saved_step:
+                    self.save(trainer)
+                self._exit(trainer, signum)
+        finally:
+            self._restore_signal_handlers()
+
+    def on_exception(self, trainer: BaseTrainer, error: BaseException) -> None:
+        # No save here: a step that raised may have left the state half-updated.
+        self._restore_signal_handlers()
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, trainer: BaseTrainer) -> Path | None:
+        """Write a checkpoint of the trainer's current state now (every rank must call it;
+        the main process writes). Returns its directory on the main process."""
+        directory = self.directory or self._resolve(trainer)
+        started = time.perf_counter()
+        state = trainer.state_dict()
+        written = None
+        if distributed.is_main_process():
+            if self._last_saved_step is None:
+                checkpoint.remove_temporaries(directory)  # what a killed run left behind
+            written = checkpoint.save_checkpoint(state, directory, files=self._extra_files(trainer), fsync=self.fsync)
+            checkpoint.prune_checkpoints(directory, self.keep_previous, self.keep_interval, protect=[written])
+            self.last_saved = written
+            logger.info("saved checkpoint %s in %.2fs", written, time.perf_counter() - started)
+        distributed.barrier()  # nobody runs ahead (or exits) before the checkpoint exists
+        self._last_saved_step = trainer.step
+        return written
+
+    @staticmethod
+    def _extra_files(trainer: BaseTrainer) -> dict[str, str]:
+        """Files of their own for hook tensors (e.g. `EmaHook` -> ema.safetensors)."""
+        files: dict[str, str] = {}
+        for hook in trainer.hooks:
+            files.update(getattr(hook, "checkpoint_files", None) or {})
+        return files
+
+    # ------------------------------------------------------------------ resuming
+
+    def _resolve(self, trainer: BaseTrainer) -> Path:
+        if not self.path.is_absolute() and trainer.workspace is not None:
+            return trainer.workspace / self.path
+        return self.path
+
+    def _resume(self, trainer: BaseTrainer) -> None:
+        assert self.directory is not None
+        own = checkpoint.find_latest(self.directory) if self.load is not None else None
+        if self.load is None:
+            existing = checkpoint.list_checkpoints(self.directory)
+            if existing:
+                raise FileExistsError(
+                    f"CheckpointingHook(load=None): {self.directory} already holds checkpoints "
+                    f"({existing[-1][1].name}, ...) of an earlier run; use load='latest' to continue it, "
+                    "or a different path to start a new run"
+                )
+            return
+        if own is not None:
+            source, state = own
+            self._last_saved_step = int(state["step"])
+        elif self.load != "latest":
+            source = Path(self.load)
+            state = checkpoint.load_checkpoint(source)
+        else:
+            logger.info("no checkpoint in %s: starting from scratch", self.directory)
+            return
+        trainer.load_state_dict(state)
+        self.resumed_from = source
+        logger.info("resumed from %s at step %d (epoch %d)", source, trainer.step, trainer.epoch)
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self) -> None:
+        if not self.exit_signals or self._previous_handlers:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("CheckpointingHook: training runs outside the main thread; exit_signals are not handled")
+            return
+        for signum in self.exit_signals:
+            # A bound method, not a closure made in this loop: each signal is recorded as itself.
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._signal is None:
+            self._signal = signum
+        previous = self._previous_handlers.get(signum)
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
+
+    def _agreed_signal(self) -> int:
+        """The signal to act on now; in a distributed run, any rank's signal stops all."""
+        return distributed.agree_max(self._signal or 0)
+
+    def _exit(self, trainer: BaseTrainer, signum: int) -> None:
+        code = 128 + signum if self.exit_code == _EXIT_CODE_FROM_SIGNAL else int(self.exit_code)
+        name = signal.Signals(signum).name if signum in set(signal.valid_signals()) else str(signum)
+        logger.warning("%s received: saved %s at step %d; exiting with code %d", name, self.last_saved or "a checkpoint", trainer.step, code)
+        if not distributed.barrier(timeout=self.exit_wait):
+            logger.warning("other ranks did not reach the exit within %.0fs; exiting anyway", self.exit_wait)
+        trainer.should_stop = True
+        self._restore_signal_handlers()
+        raise SystemExit(code)

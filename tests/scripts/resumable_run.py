@@ -1,0 +1,110 @@
+"""A small but complete training run that the reliability tests kill and restart.
+
+It has everything that makes exact resume hard: dropout (RNG), a shuffled StatefulDataLoader
+whose epochs do not line up with the accumulation steps, an LR schedule, gradient clipping,
+AdamW state and an EMA. Usage:
+
+    python resumable_run.py WORKSPACE [--steps N] [--interval K] [--kill STEP:PHASE]
+                            [--slow-fsync SECONDS] [--workers N]
+
+--kill STEP:PHASE sends SIGKILL to this process during optimizer step STEP (1-based):
+PHASE "fwd0"/"fwd1" in the first/second micro-batch's forward, "after" once the step is
+done but before it is checkpointed. Each finished step prints "step N" (flushed), each
+checkpoint file fsync prints "fsync NAME" when --slow-fsync is given.
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import torch
+from torch import nn
+
+from mini_trainer import BaseTrainer, CheckpointingHook, EmaHook, checkpoint
+from mini_trainer.data import tensor_loader
+from mini_trainer.hooks import BaseHook
+from mini_trainer.schedules import warmup_cosine
+
+parser = argparse.ArgumentParser()
+parser.add_argument("workspace")
+parser.add_argument("--steps", type=int, default=30)
+parser.add_argument("--interval", type=int, default=4)
+parser.add_argument("--kill", default=None)
+parser.add_argument("--slow-fsync", type=float, default=0.0)
+parser.add_argument("--workers", type=int, default=0)
+parser.add_argument("--load", default="latest")
+args = parser.parse_args()
+
+kill_step, kill_phase = (None, None)
+if args.kill:
+    step, kill_phase = args.kill.split(":")
+    kill_step = int(step)
+
+
+def die_if(step: int, phase: str) -> None:
+    if step == kill_step and phase == kill_phase:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+if args.slow_fsync:
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        real_fsync(fd)
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        print(f"fsync {name}", flush=True)
+        time.sleep(args.slow_fsync)
+
+    checkpoint.os.fsync = slow_fsync  # the checkpoint module's writes only (same os module, so all fsyncs)
+
+
+class Resumable(BaseTrainer):
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 4))
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=3e-2, weight_decay=0.01)
+
+    def build_data_loader(self):
+        generator = torch.Generator().manual_seed(123)
+        x = torch.randn(170, 8, generator=generator)
+        y = (x[:, :4].argmax(1) + (x[:, 4] > 1).long()) % 4
+        return tensor_loader(x, y, batch_size=16, seed=7, num_workers=args.workers)  # 11 batches per epoch
+
+    def build_lr_scheduler(self):
+        return warmup_cosine(self.optimizer, warmup_steps=5, total_steps=args.steps)
+
+    def forward(self, batch):
+        die_if(self.step + 1, f"fwd{self.micro}")
+        self.micro += 1
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y), {}
+
+
+class Markers(BaseHook):
+    priority = {"on_after_step": 75, "default": 0}  # after EMA (50), before checkpointing (100)
+
+    def on_before_step(self, trainer):
+        trainer.micro = 0
+
+    def on_after_step(self, trainer):
+        die_if(trainer.step, "after")
+        print(f"step {trainer.step}", flush=True)
+
+
+trainer = Resumable(
+    max_steps=args.steps,
+    gradient_accumulation_steps=2,
+    grad_clip=1.0,
+    seed=0,
+    workspace=args.workspace,
+    hooks=[
+        CheckpointingHook(interval=args.interval, keep_previous=2, path="checkpoints", load=args.load),
+        EmaHook(decay=0.9),
+        Markers(),
+    ],
+)
+trainer.train()
+print("done", trainer.step, flush=True)
