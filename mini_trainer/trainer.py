@@ -495,12 +495,13 @@ class BaseTrainer:
         try:
             batch = next(self._data_iter)
         except StopIteration:
-            if not fresh:
+            # A fresh iterator that is empty at once is a stateful loader restored at the very
+            # end of its epoch: count that epoch as done unless the trainer already has
+            # (batch_in_epoch is 0 once an epoch is counted).
+            if not fresh or self.batch_in_epoch > 0:
                 self._roll_over_epoch()
                 if self.max_epochs is not None and self.epoch >= self.max_epochs:
                     return _END_OF_DATA
-            # else: a stateful loader restored at the very end of its epoch, which this
-            # trainer had already counted as done: start the next one without counting again.
             self._data_iter = self._start_epoch()
             try:
                 batch = next(self._data_iter)
