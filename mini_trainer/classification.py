@@ -100,29 +100,31 @@ class ClassificationTrainer(BaseTrainer):
         return loss, {"accuracy": accuracy.detach()}
 
     @torch.no_grad()
-    def evaluate(self, loaders: Mapping[str, Iterable] | None = None) -> dict[str, float]:
+    def evaluate(self, loaders: Mapping[str, Iterable] | None = None, model: nn.Module | None = None) -> dict[str, float]:
         """`{"<split>_loss": ..., "<split>_accuracy": ...}` for every held-out split
-        (summed over all ranks when distributed)."""
+        (summed over all ranks when distributed). `model` scores another model than the
+        one trained, e.g. `EmaHook.ema_model`."""
         self._build()
         loaders = self.eval_loaders if loaders is None else loaders
-        model = self.model
+        model = self.model if model is None else model
+        device = next(model.parameters(), torch.empty(0, device=self.device)).device
         was_training = model.training
         model.eval()
         totals = []
         try:
             for loader in loaders.values():
-                loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-                correct = torch.zeros((), dtype=torch.float64, device=self.device)
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                correct = torch.zeros((), dtype=torch.float64, device=device)
                 count = 0
                 for inputs, labels in loader:
-                    inputs = inputs.to(self.device, non_blocking=True)
-                    labels = labels.to(self.device, non_blocking=True)
+                    inputs = inputs.to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
                     with self._autocast():
                         logits = model(inputs)
                     loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
                     correct += (logits.argmax(dim=-1) == labels).sum()
                     count += labels.numel()
-                totals.append(torch.stack([loss_sum, correct, torch.tensor(float(count), dtype=torch.float64, device=self.device)]))
+                totals.append(torch.stack([loss_sum, correct, torch.tensor(float(count), dtype=torch.float64, device=device)]))
         finally:
             model.train(was_training)
         if not totals:

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import __version__, distributed
 from .builder import build_from_cfg
+from .hooks import EmaHook
 from .config import load_config, parse_override
 
 DESCRIPTION = """\
@@ -108,6 +109,9 @@ def run_train(cfg: dict[str, Any], evaluate: bool = True) -> int:
     trainer.train()
     if evaluate and callable(getattr(trainer, "evaluate", None)):
         results = trainer.evaluate()
+        for hook in getattr(trainer, "hooks", []):
+            if isinstance(hook, EmaHook) and hook.ema_model is not None:  # also score the averaged weights
+                results.update({f"{hook.name}_{k}": v for k, v in trainer.evaluate(model=hook.ema_model).items()})
         if results:
             trainer.log(results, dry_run=not distributed.is_main_process())
             if distributed.is_main_process():

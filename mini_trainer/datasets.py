@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .builder import REGISTRY
+from .data import stateful_loader
 from .utils import check_int, check_number
 
 
@@ -52,12 +53,13 @@ def digits_loaders(
     eval_batch_size: int = 512,
     drop_last: bool = True,
 ) -> dict[str, Any]:
-    """Shuffled training loader (seeded generator) and an ordered test loader."""
+    """Shuffled training loader and an ordered test loader. The training loader is a
+    `StatefulDataLoader` shuffled per epoch from `seed` (`mini_trainer.data.stateful_loader`),
+    so a checkpointed run resumes at the exact batch with the same future order."""
     check_int("batch_size", batch_size, minimum=1)
     check_int("eval_batch_size", eval_batch_size, minimum=1)
     splits = load_digits_tensors(test_fraction, seed)
-    generator = torch.Generator().manual_seed(seed)
     return {
-        "train": DataLoader(splits["train"], batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=generator),
+        "train": stateful_loader(splits["train"], batch_size, shuffle=True, seed=seed, drop_last=drop_last),
         "test": DataLoader(splits["test"], batch_size=eval_batch_size, shuffle=False),
     }

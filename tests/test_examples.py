@@ -50,3 +50,12 @@ def test_custom_hook_example_stops_early():
     out = run_example("custom_hook.py")
     step = int(re.search(r"stopped at step (\d+)", out).group(1))
     assert 0 < step < 10_000
+
+
+@pytest.mark.slow
+def test_checkpoint_example_resumes_to_identical_weights(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "checkpoint_resume.py"), str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from step_000000150" in proc.stdout
+    assert "checkpoints: step_000000250, step_000000300" in proc.stdout
+    assert proc.stdout.strip().endswith("identical to the uninterrupted run: True")

@@ -1,0 +1,147 @@
+"""Kill real training processes and check that resuming loses nothing.
+
+Every test runs tests/scripts/resumable_run.py (dropout, a shuffled StatefulDataLoader whose
+epochs straddle accumulation steps, an LR schedule, AdamW, EMA) in subprocesses, kills it
+with real signals, starts it again with the same command, and compares the final
+checkpoint files byte for byte with those of a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mini_trainer import checkpoint
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).parent / "scripts" / "resumable_run.py"
+STEPS = 30
+FINAL = checkpoint.checkpoint_name(STEPS)
+FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(workspace: Path, *args: str, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(workspace), "--steps", str(STEPS), *args],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    if check_rc is not None:
+        assert result.returncode == check_rc, f"exit code {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def start(workspace: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(workspace), "--steps", str(STEPS), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )
+
+
+def read_until(process: subprocess.Popen, predicate) -> list[str]:
+    lines = []
+    for line in process.stdout:
+        lines.append(line.strip())
+        if predicate(lines):
+            return lines
+    raise AssertionError(f"the run ended before the expected output; got {lines}\n{process.stderr.read()}")
+
+
+def assert_same_final_files(reference: Path, workspace: Path) -> None:
+    for name in FILES:
+        expected = (reference / "checkpoints" / FINAL / name).read_bytes()
+        got = (workspace / "checkpoints" / FINAL / name).read_bytes()
+        assert got == expected, f"{name} differs from the uninterrupted run's"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    workspace = tmp_path_factory.mktemp("uninterrupted")
+    run(workspace)
+    return workspace
+
+
+def kill_points(seed: int) -> list[tuple[int, str]]:
+    """Six SIGKILL points: an epoch boundary inside an accumulation step (step 6 draws the
+    last batch of epoch 0 and the first of epoch 1), the exact end of an epoch (step 11),
+    and four random ones (steps and phases), in the order a run meets them."""
+    rng = random.Random(seed)
+    steps = rng.sample([s for s in range(2, STEPS) if s not in (6, 11)], 4)
+    points = [(6, "fwd1"), (11, "after")] + [(s, rng.choice(["fwd0", "fwd1", "after"])) for s in steps]
+    return sorted(points)
+
+
+def test_sigkill_at_six_points_then_resume_gives_identical_files(uninterrupted, tmp_path):
+    seed = int(os.environ.get("RESUME_TEST_SEED", "20261122"))
+    points = kill_points(seed)
+    for step, phase in points:
+        result = run(tmp_path, "--kill", f"{step}:{phase}", check_rc=-signal.SIGKILL)
+        printed = result.stdout.splitlines()
+        assert f"step {step}" not in printed and (step == 1 or printed[-1] == f"step {step - 1}"), printed
+    run(tmp_path)
+    print(f"kill points {points} (seed {seed}; set RESUME_TEST_SEED to try others)")
+    assert_same_final_files(uninterrupted, tmp_path)
+
+
+def test_sigkill_with_loader_workers(uninterrupted, tmp_path):
+    for point in ("9:fwd1", "20:after"):
+        run(tmp_path, "--workers", "2", "--kill", point, check_rc=-signal.SIGKILL)
+    run(tmp_path, "--workers", "2")
+    assert_same_final_files(uninterrupted, tmp_path)
+
+
+# fsync order while step 8's checkpoint is written: the three tensor files (in parallel),
+# manifest.json, the temporary directory, the checkpoint root after the rename, the new
+# `latest` file, and the root again after `latest` is replaced.
+@pytest.mark.parametrize("fsyncs_done, expected_step", [(2, 4), (5, 4), (6, 8), (7, 8)])
+def test_sigkill_while_a_checkpoint_is_written(uninterrupted, tmp_path, fsyncs_done, expected_step):
+    process = start(tmp_path, "--slow-fsync", "0.1")
+    try:
+        read_until(process, lambda lines: "step 8" in lines and sum(l.startswith("fsync") for l in lines[lines.index("step 8"):]) == fsyncs_done)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    root = tmp_path / "checkpoints"
+    pointed = root / (root / "latest").read_text().strip()
+    assert checkpoint.load_checkpoint(pointed)["step"] in (4, 8)  # `latest` always names a valid checkpoint
+    found, state = checkpoint.find_latest(root)
+    assert state["step"] == expected_step
+    result = run(tmp_path)
+    assert f"step {expected_step + 1}" in result.stdout.split("\n")[0]
+    assert_same_final_files(uninterrupted, tmp_path)
+
+
+def test_sigterm_saves_the_step_reached_exits_143_and_resumes(uninterrupted, tmp_path):
+    process = start(tmp_path, "--interval", "100")
+    read_until(process, lambda lines: "step 5" in lines)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    last_step = max(int(line.split()[1]) for line in ["step 5", *out.splitlines()] if line.startswith("step "))
+    assert [step for step, _ in checkpoint.list_checkpoints(tmp_path / "checkpoints")] == [last_step]
+    assert "SIGTERM received" in err and "exiting with code 143" in err
+    result = run(tmp_path, "--interval", "100")
+    assert result.stdout.split("\n")[0] == f"step {last_step + 1}"
+    assert_same_final_files(uninterrupted, tmp_path)
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    damaged = tmp_path / "checkpoints" / FINAL / "model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-3] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    result = run(tmp_path)
+    assert "sha256 does not match" in result.stderr and FINAL in result.stderr
+    assert "resuming from" in result.stderr and "step_000000028" in result.stderr
+    assert result.stdout.split("\n")[:2] == ["step 29", "step 30"]
+    assert_same_final_files(uninterrupted, tmp_path)
