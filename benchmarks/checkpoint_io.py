@@ -36,11 +36,16 @@ with gc.collect() before each measurement; results are medians over the rounds. 
 after each raw save, outside its timer, the raw files are fsynced one by one: that is
 `fsync_s`, what durability costs on this disk, and it also leaves no dirty pages of one side
 to be written back during the other side's measurement; `save_vs_raw_fsynced` compares ours
-with raw_save + fsync (same durability, the difference is hashing and bookkeeping). Loads read files that were just
-written, so they come from the page cache (what a resume in the same boot on a machine
-with free memory sees); `--cold` drops the files from the cache first
-(posix_fadvise DONTNEED) to read from the disk instead. Ratios are ours over raw: < 1
-means ours is faster; the goal is <= 1.2 for each. Prints one JSON object on its last line.
+with raw_save + fsync (same durability, the difference is hashing and bookkeeping).
+
+Loads read files that were just written, so they come from the page cache (what a resume
+in the same boot on a machine with free memory sees); `--cold` drops the files from the
+cache first (posix_fadvise DONTNEED) to read from the disk instead (the pages it frees then
+have to be faulted in again by the next writes, which shifts save times too). On a VM that
+hands freed memory back to its host (free page reporting), the first touch of memory,
+which both sides do a lot of, costs a varying amount, so single rounds vary by up to 2-3x:
+look at the medians, and at several runs. Ratios are ours over raw: < 1 means ours is
+faster; the goal is <= 1.2 for each. Prints one JSON object on its last line.
 """
 
 from __future__ import annotations
@@ -263,7 +268,7 @@ def breakdown(bench: Bench) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params-millions", type=float, default=50.0, help="model size (rounded up to whole 2048x2048 layers)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a new temporary directory under /tmp)")
     parser.add_argument("--cold", action="store_true", help="drop the files from the page cache before each load")
     parser.add_argument("--breakdown", action="store_true", help="also time write_safetensors/read_safetensors of each file alone")

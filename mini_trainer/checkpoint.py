@@ -17,9 +17,10 @@ exists is complete. Loading re-hashes every file, so a damaged or truncated chec
 detected, reported and skipped for the previous one (`find_latest`).
 
 The writer streams each tensor's memory straight to the file while a second thread hashes
-the same bytes, and files are written in parallel; reading does the same in reverse. That
-keeps the cost of hashing and fsync close to that of a plain `safetensors.torch.save_file`
-(`benchmarks/checkpoint_io.py` measures it).
+the same bytes, and files are written in parallel; reading does the same in reverse. A
+durable save then costs about a plain `safetensors.torch.save_file`, plus an fsync, plus one
+sha256 pass (~1.4 GB/s per core); `StagingBuffers` lets `CheckpointingHook(async_save=True)`
+take that off the training loop's path (`benchmarks/checkpoint_io.py` measures all of it).
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ __all__ = [
     "join_state",
     "write_safetensors",
     "read_safetensors",
+    "PreparedCheckpoint",
+    "StagingBuffers",
+    "prepare_checkpoint",
     "save_checkpoint",
+    "write_checkpoint",
     "load_checkpoint",
     "list_checkpoints",
     "find_latest",
@@ -68,6 +73,7 @@ DEFAULT_FILE = "optimizer.safetensors"
 DEFAULT_FILES = {"model": MODEL_FILE}
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_OWN_STORAGE_BELOW = 64 << 10  # bytes: smaller tensors are copied out of the file buffer
 _CHUNK = 64 << 20  # bytes per read/hash unit: big enough that syscalls and GIL hand-offs vanish
 
 # The safetensors dtype names (https://github.com/huggingface/safetensors, format section).
@@ -278,11 +284,11 @@ def _write_all(f: Any, data: memoryview) -> None:
 
 def read_safetensors(path: str | os.PathLike, sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Read a safetensors file into memory (checking its sha256 when given) and return
-    CPU tensors that share one buffer (no copy per tensor)."""
+    CPU tensors that are views of one buffer (no copy per tensor)."""
     path = Path(path)
     size = path.stat().st_size
-    buffer = bytearray(size)
-    view = memoryview(buffer)
+    buffer = torch.empty(size, dtype=torch.uint8)  # unlike bytearray(size), not zero-filled first
+    view = memoryview(buffer.numpy())
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f, concurrent.futures.ThreadPoolExecutor(1) as hasher:
         pending = []
@@ -302,15 +308,16 @@ def read_safetensors(path: str | os.PathLike, sha256: str | None = None) -> dict
     return _parse_safetensors(path, buffer)
 
 
-def _parse_safetensors(path: Path, buffer: bytearray) -> dict[str, torch.Tensor]:
-    size = len(buffer)
+def _parse_safetensors(path: Path, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+    size = buffer.numel()
     if size < 8:
         raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
-    header_len = int.from_bytes(buffer[:8], "little")
+    raw = buffer.numpy()
+    header_len = int.from_bytes(raw[:8].tobytes(), "little")
     if header_len > size - 8:
         raise CheckpointError(f"{path}: truncated (header of {header_len} bytes in a file of {size})")
     try:
-        header = json.loads(bytes(buffer[8 : 8 + header_len]))
+        header = json.loads(raw[8 : 8 + header_len].tobytes())
     except ValueError as err:
         raise CheckpointError(f"{path}: unreadable safetensors header ({err})") from None
     data_start = 8 + header_len
@@ -327,10 +334,15 @@ def _parse_safetensors(path: Path, buffer: bytearray) -> dict[str, torch.Tensor]
         numel = math.prod(shape)
         if end - begin != numel * dtype.itemsize or begin < 0 or data_start + end > size:
             raise CheckpointError(f"{path}: tensor {key!r} does not fit the file (offsets {begin}..{end})")
+        data = buffer[data_start + begin : data_start + end]
         if numel == 0:
             tensors[key] = torch.empty(shape, dtype=dtype)
+        elif end - begin > _OWN_STORAGE_BELOW and (data_start + begin) % dtype.itemsize == 0:
+            tensors[key] = data.view(dtype).view(shape)  # a view into the file's buffer: no copy
         else:
-            tensors[key] = torch.frombuffer(buffer, dtype=dtype, count=numel, offset=data_start + begin).view(shape)
+            # Small tensors get storage of their own: some consumers (RNG generators'
+            # set_state) read a tensor's storage from its start, ignoring a view's offset.
+            tensors[key] = data.clone().view(dtype).view(shape)
     return tensors
 
 
@@ -339,6 +351,54 @@ def _parse_safetensors(path: Path, buffer: bytearray) -> dict[str, torch.Tensor]
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:09d}"
+
+
+class PreparedCheckpoint:
+    """A state split for writing (`prepare_checkpoint`): the JSON skeleton plus the tensors
+    of each file. Nothing in it refers back to the live state except the tensors."""
+
+    def __init__(self, skeleton: Any, tensors: dict[str, dict[str, torch.Tensor]], step: int, epoch: Any) -> None:
+        self.skeleton = skeleton
+        self.tensors = tensors
+        self.step = step
+        self.epoch = epoch
+
+
+def prepare_checkpoint(state: Mapping[str, Any], files: Mapping[str, str] | None = None) -> PreparedCheckpoint:
+    """Split a `trainer.state_dict()` for `write_checkpoint` (see `split_state` for `files`)."""
+    if not isinstance(state, Mapping) or not isinstance(state.get("step"), int):
+        raise TypeError("a checkpoint needs a trainer state_dict() with an integer 'step'")
+    skeleton, by_file = split_state(state, files)
+    by_file.setdefault(MODEL_FILE, {})  # always present, even for a model without tensors
+    return PreparedCheckpoint(skeleton, by_file, state["step"], state.get("epoch"))
+
+
+class StagingBuffers:
+    """CPU copies of a checkpoint's tensors, so that a background thread can write them
+    while training goes on changing the originals. The buffers are kept and reused from
+    one save to the next (pinned when the source is on CUDA): after the first save, a
+    snapshot is one memcpy (or device-to-host copy) per tensor, without allocations."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
+
+    def stage(self, prepared: PreparedCheckpoint) -> PreparedCheckpoint:
+        staged: dict[str, dict[str, torch.Tensor]] = {}
+        used: dict[tuple[str, str], torch.Tensor] = {}
+        from_cuda = False
+        for file, tensors in prepared.tensors.items():
+            staged[file] = {}
+            for key, tensor in tensors.items():
+                buffer = self._buffers.get((file, key))
+                if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                    buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+                buffer.copy_(tensor, non_blocking=tensor.is_cuda)
+                from_cuda = from_cuda or tensor.is_cuda
+                staged[file][key] = used[(file, key)] = buffer
+        if from_cuda:
+            torch.cuda.synchronize()  # the copies must have landed before another thread reads them
+        self._buffers = used  # tensors that are gone (e.g. a removed hook) free their buffers
+        return PreparedCheckpoint(prepared.skeleton, staged, prepared.step, prepared.epoch)
 
 
 def save_checkpoint(
@@ -352,32 +412,32 @@ def save_checkpoint(
     """Write `state` (a `trainer.state_dict()`) to `root/step_<step>` atomically and point
     `root/latest` at it. `files` routes more tensors to files of their own (see
     `split_state`). Returns the checkpoint directory."""
-    if not isinstance(state, Mapping) or not isinstance(state.get("step"), int):
-        raise TypeError("save_checkpoint expects a trainer state_dict() with an integer 'step'")
+    return write_checkpoint(prepare_checkpoint(state, files), root, name=name, fsync=fsync)
+
+
+def write_checkpoint(prepared: PreparedCheckpoint, root: str | os.PathLike, *, name: str | None = None, fsync: bool = True) -> Path:
+    """Write a `prepare_checkpoint` result (see `save_checkpoint`)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    name = name or checkpoint_name(state["step"])
-    skeleton, by_file = split_state(state, files)
-    by_file.setdefault(MODEL_FILE, {})  # always present, even for a model without tensors
-
+    name = name or checkpoint_name(prepared.step)
     temporary = root / f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
     temporary.mkdir()
     try:
         metadata = {"format": "pt"}  # what other safetensors tools look for
-        with concurrent.futures.ThreadPoolExecutor(len(by_file)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(len(prepared.tensors)) as pool:
             futures = {
                 file: pool.submit(write_safetensors, temporary / file, tensors, metadata, fsync=fsync)
-                for file, tensors in by_file.items()
+                for file, tensors in prepared.tensors.items()
             }
             written = {file: future.result() for file, future in futures.items()}
         manifest = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
-            "step": state["step"],
-            "epoch": state.get("epoch"),
+            "step": prepared.step,
+            "epoch": prepared.epoch,
             "created": time.time(),
             "files": {file: {"sha256": digest, "bytes": size} for file, (digest, size) in sorted(written.items())},
-            "state": skeleton,
+            "state": prepared.skeleton,
         }
         _write_text(temporary / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False), fsync=fsync)
         if fsync:

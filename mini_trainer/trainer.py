@@ -821,7 +821,7 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(_as_tuple(state["python"]))
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].clone())  # a view with an offset would be misread
     if "numpy" in state:
         import numpy as np
 
@@ -829,7 +829,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
         np.random.set_state((name, keys.astype(np.uint32), int(position), int(has_gauss), float(cached_gaussian)))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.clone() for s in state["cuda"]])
 
 
 def _as_tuple(value: Any) -> Any:

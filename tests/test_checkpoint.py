@@ -70,8 +70,11 @@ def test_trainer_state_round_trips_exactly_through_disk(tmp_path):
         "nested": [[1, "a", None, True], {"x": torch.tensor(3)}],
     }
     directory = checkpoint.save_checkpoint(state, tmp_path)
-    assert_same(state, checkpoint.load_checkpoint(directory))
+    loaded = checkpoint.load_checkpoint(directory)
+    assert_same(state, loaded)
     assert_same(state, checkpoint.load_checkpoint(tmp_path))  # the run's root: its newest checkpoint
+    torch.set_rng_state(loaded["rng"]["torch"])  # small tensors own their storage (this once crashed)
+    assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
 
 
 def test_layout_manifest_and_latest_pointer(tmp_path):

@@ -95,6 +95,27 @@ def test_resumed_run_equals_uninterrupted_one(tmp_path):
         assert a == b, name
 
 
+def test_asynchronous_saves_write_the_same_files(tmp_path):
+    for mode in ("sync", "async"):
+        hooks = [CheckpointingHook(interval=2, keep_previous=10, async_save=mode == "async"), EmaHook(decay=0.9)]
+        net(tmp_path / mode, hooks, max_steps=7).train()
+    sync_dirs = checkpoint.list_checkpoints(tmp_path / "sync" / "checkpoints")
+    async_dirs = checkpoint.list_checkpoints(tmp_path / "async" / "checkpoints")
+    assert [s for s, _ in sync_dirs] == [s for s, _ in async_dirs] == [2, 4, 6, 7]
+    for (_, a), (_, b) in zip(sync_dirs, async_dirs):
+        for name in ("model", "ema", "optimizer"):
+            assert (a / f"{name}.safetensors").read_bytes() == (b / f"{name}.safetensors").read_bytes(), (a.name, name)
+
+
+def test_a_failed_background_write_is_raised(tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        net(tmp_path, [CheckpointingHook(interval=2, async_save=True)], max_steps=5).train()
+
+
 def test_load_from_another_run_then_own_checkpoints_win(tmp_path, caplog):
     net(tmp_path / "pretrain", [CheckpointingHook(interval=None)], max_steps=4).train()
     source = tmp_path / "pretrain" / "checkpoints" / "step_000000004"

@@ -78,10 +78,10 @@ def test_train_digits_end_to_end(tmp_path):
     assert [line.split(":")[0] for line in progress] == ["Step 100/300", "Step 200/300", "Step 300/300"]
     assert all(" loss " in line for line in progress)
 
-    final = lines[-1]
-    match = re.match(r"^test_accuracy (0\.\d{4})$", final)
-    assert match, f"last line was {final!r}"
+    match = re.search(r"^test_accuracy (0\.\d{4})$", proc.stdout, re.M)
+    assert match, proc.stdout
     assert float(match.group(1)) > 0.9
+    assert re.match(r"^ema_test_accuracy 0\.\d{4}$", lines[-1]), lines[-1]  # the config's EmaHook, scored too
     assert any(re.match(r"^test_loss \d+\.\d{4}$", line) for line in lines)
 
     metrics_path = tmp_path / "metrics.jsonl"
@@ -98,6 +98,12 @@ def test_train_digits_end_to_end(tmp_path):
     assert len(eval_records) == 1
     assert eval_records[0]["step"] == 300
     assert eval_records[0]["test_accuracy"] == pytest.approx(float(match.group(1)), abs=1e-4)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000000300"]
+
+    # The same command with a bigger budget continues from the checkpoint.
+    again = run_cli("train", CONFIG, "trainer.max_steps=400", f"trainer.workspace={tmp_path}", "trainer.hooks.0.interval=100")
+    assert again.returncode == 0, again.stderr
+    assert [line.split(":")[0] for line in again.stdout.splitlines() if line.startswith("Step ")] == ["Step 400/400"]
     assert records[-1] is eval_records[0]
     # nothing is written into the repository's default workspace by this run
     assert not (tmp_path / "runs").exists()

@@ -91,6 +91,14 @@ def test_sigkill_at_six_points_then_resume_gives_identical_files(uninterrupted, 
     assert_same_final_files(uninterrupted, tmp_path)
 
 
+def test_sigkill_with_asynchronous_saves(uninterrupted, tmp_path):
+    # The background writer may be mid-write at any of these kills.
+    for point in ("5:fwd0", "13:fwd1", "25:after"):
+        run(tmp_path, "--async-save", "--interval", "2", "--kill", point, check_rc=-signal.SIGKILL)
+    run(tmp_path, "--async-save", "--interval", "2")
+    assert_same_final_files(uninterrupted, tmp_path)
+
+
 def test_sigkill_with_loader_workers(uninterrupted, tmp_path):
     for point in ("9:fwd1", "20:after"):
         run(tmp_path, "--workers", "2", "--kill", point, check_rc=-signal.SIGKILL)

@@ -9,6 +9,7 @@ position, RNG, hook states) written by `mini_trainer.checkpoint` (atomic, hashed
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import signal
@@ -61,6 +62,11 @@ class CheckpointingHook(BaseHook):
         save_at_end: also save when training ends normally.
         fsync: flush files to the disk before a checkpoint counts as written (switch off
             only for throwaway runs on slow network disks).
+        async_save: copy the state into reused CPU buffers (pinned for CUDA tensors) and
+            write, hash and fsync it in a background thread while training goes on. The
+            step waits only for the copy; the cost is host memory for one more copy of the
+            state. One save is in flight at a time; training's end, a signal exit and the
+            next save wait for it, and a failed background write is raised there.
     """
 
     # Restore before any other hook starts (progress and ETA then see the resumed step);
@@ -79,6 +85,7 @@ class CheckpointingHook(BaseHook):
         exit_wait: float = 60.0,
         save_at_end: bool = True,
         fsync: bool = True,
+        async_save: bool = False,
     ) -> None:
         check_int("CheckpointingHook.interval", interval, minimum=1, allow_none=True)
         check_int("CheckpointingHook.keep_previous", keep_previous, minimum=1)
@@ -111,6 +118,7 @@ class CheckpointingHook(BaseHook):
         self.exit_wait = float(exit_wait)
         self.save_at_end = bool(save_at_end)
         self.fsync = bool(fsync)
+        self.async_save = bool(async_save)
 
         self.directory: Path | None = None  # `path` resolved against the workspace
         self.last_saved: Path | None = None
@@ -119,6 +127,10 @@ class CheckpointingHook(BaseHook):
         self._last_saved_step: int | None = None
         self._signal: int | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: concurrent.futures.Future | None = None
+        self._staging = checkpoint.StagingBuffers()
+        self._cleaned = False
 
     # ------------------------------------------------------------------ events
 
@@ -145,12 +157,18 @@ class CheckpointingHook(BaseHook):
                 if trainer.step != self._last_saved_step:
                     self.save(trainer)
                 self._exit(trainer, signum)
+            self.wait()  # training is over when its last checkpoint is on disk
         finally:
             self._restore_signal_handlers()
 
     def on_exception(self, trainer: BaseTrainer, error: BaseException) -> None:
-        # No save here: a step that raised may have left the state half-updated.
+        # No new save: a step that raised may have left the state half-updated. A save in
+        # flight holds a consistent earlier snapshot: let it land.
         self._restore_signal_handlers()
+        try:
+            self.wait()
+        except Exception as write_error:  # noqa: BLE001 - the training error is the one to raise
+            logger.error("the checkpoint being written when training failed was lost: %s", write_error)
 
     # ------------------------------------------------------------------ saving
 
@@ -158,18 +176,38 @@ class CheckpointingHook(BaseHook):
         """Write a checkpoint of the trainer's current state now (every rank must call it;
         the main process writes). Returns its directory on the main process."""
         directory = self.directory or self._resolve(trainer)
+        self.wait()  # one save in flight at most: its buffers are reused, and saves land in order
         started = time.perf_counter()
         state = trainer.state_dict()
         written = None
         if distributed.is_main_process():
-            if self._last_saved_step is None:
-                checkpoint.remove_temporaries(directory)  # what a killed run left behind
-            written = checkpoint.save_checkpoint(state, directory, files=self._extra_files(trainer), fsync=self.fsync)
-            checkpoint.prune_checkpoints(directory, self.keep_previous, self.keep_interval, protect=[written])
-            self.last_saved = written
-            logger.info("saved checkpoint %s in %.2fs", written, time.perf_counter() - started)
-        distributed.barrier()  # nobody runs ahead (or exits) before the checkpoint exists
+            prepared = checkpoint.prepare_checkpoint(state, self._extra_files(trainer))
+            if self.async_save:
+                prepared = self._staging.stage(prepared)  # from here on training may change the state
+                if self._writer is None:
+                    self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+                self._pending = self._writer.submit(self._write, prepared, directory, started)
+            else:
+                written = self._write(prepared, directory, started)
+        if not self.async_save:
+            distributed.barrier()  # nobody runs ahead (or exits) before the checkpoint exists
         self._last_saved_step = trainer.step
+        return written
+
+    def wait(self) -> Path | None:
+        """Block until an asynchronous save in flight is on disk (raising its error if the
+        write failed); returns its directory."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else None
+
+    def _write(self, prepared: checkpoint.PreparedCheckpoint, directory: Path, started: float) -> Path:
+        if not self._cleaned:
+            checkpoint.remove_temporaries(directory)  # what a killed run left behind
+            self._cleaned = True
+        written = checkpoint.write_checkpoint(prepared, directory, fsync=self.fsync)
+        checkpoint.prune_checkpoints(directory, self.keep_previous, self.keep_interval, protect=[written])
+        self.last_saved = written
+        logger.info("saved checkpoint %s in %.2fs", written, time.perf_counter() - started)
         return written
 
     @staticmethod
@@ -240,6 +278,7 @@ class CheckpointingHook(BaseHook):
         return distributed.agree_max(self._signal or 0)
 
     def _exit(self, trainer: BaseTrainer, signum: int) -> None:
+        self.wait()
         code = 128 + signum if self.exit_code == _EXIT_CODE_FROM_SIGNAL else int(self.exit_code)
         name = signal.Signals(signum).name if signum in set(signal.valid_signals()) else str(signum)
         logger.warning("%s received: saved %s at step %d; exiting with code %d", name, self.last_saved or "a checkpoint", trainer.step, code)

@@ -5,7 +5,7 @@ whose epochs do not line up with the accumulation steps, an LR schedule, gradien
 AdamW state and an EMA. Usage:
 
     python resumable_run.py WORKSPACE [--steps N] [--interval K] [--kill STEP:PHASE]
-                            [--slow-fsync SECONDS] [--workers N]
+                            [--slow-fsync SECONDS] [--workers N] [--async-save]
 
 --kill STEP:PHASE sends SIGKILL to this process during optimizer step STEP (1-based):
 PHASE "fwd0"/"fwd1" in the first/second micro-batch's forward, "after" once the step is
@@ -35,6 +35,7 @@ parser.add_argument("--kill", default=None)
 parser.add_argument("--slow-fsync", type=float, default=0.0)
 parser.add_argument("--workers", type=int, default=0)
 parser.add_argument("--load", default="latest")
+parser.add_argument("--async-save", action="store_true")
 args = parser.parse_args()
 
 kill_step, kill_phase = (None, None)
@@ -101,7 +102,7 @@ trainer = Resumable(
     seed=0,
     workspace=args.workspace,
     hooks=[
-        CheckpointingHook(interval=args.interval, keep_previous=2, path="checkpoints", load=args.load),
+        CheckpointingHook(interval=args.interval, keep_previous=2, path="checkpoints", load=args.load, async_save=args.async_save),
         EmaHook(decay=0.9),
         Markers(),
     ],
