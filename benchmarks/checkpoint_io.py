@@ -11,6 +11,10 @@ disk, and from files on disk back into a model and optimizer built once beforeha
 - ours_save: `save_checkpoint(state, root)`: split_state, model.safetensors and
   optimizer.safetensors written in parallel with sha256 of every byte, manifest.json, an
   fsync of every file and directory, rename into place, `latest`.
+- ours_async_stall: what `CheckpointingHook(async_save=True)` makes the training loop wait
+  for: state_dict(), the split, and the copy into staging buffers kept from the previous
+  save; writing, hashing and fsync then run in a background thread (their time until the
+  checkpoint is durable is `ours_async_total_s`, waited for outside the timer).
 - raw_save: `safetensors.torch.save_file` of the model tensors into one file and of the
   optimizer tensors (flattened to {"state.0.exp_avg": t, ...}) into another: the same split,
   no hashing, no fsync (what a plain call does).
@@ -51,6 +55,7 @@ faster; the goal is <= 1.2 for each. Prints one JSON object on its last line.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
 import json
 import math
@@ -65,7 +70,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mini_trainer.checkpoint import load_checkpoint, read_safetensors, save_checkpoint, split_state, write_safetensors
+from mini_trainer.checkpoint import (
+    StagingBuffers,
+    load_checkpoint,
+    prepare_checkpoint,
+    read_safetensors,
+    save_checkpoint,
+    split_state,
+    write_checkpoint,
+    write_safetensors,
+)
 
 WIDTH = 2048
 RAW_MODEL = "raw_model.safetensors"
@@ -134,6 +148,9 @@ class Bench:
         self.load_optimizer = make_optimizer(self.load_model, step=False)
         self.param_groups = self.optimizer.state_dict()["param_groups"]  # what raw_load keeps in memory
         self.ours_root = directory / "ours"
+        self.async_root = directory / "ours_async"
+        self.staging = StagingBuffers()  # kept across rounds, as the hook keeps it across saves
+        self.writer = concurrent.futures.ThreadPoolExecutor(1)
         self.raw_dir = directory / "raw"
         self.raw_files = [self.raw_dir / RAW_MODEL, self.raw_dir / RAW_OPTIMIZER]
         self.cold = cold
@@ -142,6 +159,7 @@ class Bench:
 
     def clean(self) -> None:
         shutil.rmtree(self.ours_root, ignore_errors=True)
+        shutil.rmtree(self.async_root, ignore_errors=True)
         shutil.rmtree(self.raw_dir, ignore_errors=True)
         self.raw_dir.mkdir(parents=True)
         self.load_optimizer.state.clear()  # drop the last load's tensors here, not inside a timer
@@ -154,6 +172,15 @@ class Bench:
         state = {"step": self.step, "epoch": 0, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         self.ours_dir = save_checkpoint(state, self.ours_root)
         return time.perf_counter() - start
+
+    def ours_async_save(self) -> dict[str, float]:
+        start = time.perf_counter()
+        state = {"step": self.step, "epoch": 0, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        staged = self.staging.stage(prepare_checkpoint(state))
+        pending = self.writer.submit(write_checkpoint, staged, self.async_root)
+        stall = time.perf_counter() - start
+        pending.result()
+        return {"stall": stall, "total": time.perf_counter() - start}
 
     def raw_save(self) -> float:
         start = time.perf_counter()
@@ -218,7 +245,9 @@ def timed(fn):
 
 
 def run_rounds(bench: Bench, rounds: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in ("ours_save", "raw_save", "fsync", "ours_load", "raw_load", "ours_first_use", "raw_first_use", "raw_file_only")}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("ours_save", "ours_async_stall", "ours_async_total", "raw_save", "fsync", "ours_load", "raw_load", "ours_first_use", "raw_first_use", "raw_file_only")
+    }
     for r in range(-1, rounds):  # r == -1: warm-up, not recorded
         bench.clean()
         ours_first = r % 2 == 0
@@ -226,6 +255,8 @@ def run_rounds(bench: Bench, rounds: int) -> dict[str, list[float]]:
         for side in (("ours", "raw") if ours_first else ("raw", "ours")):
             if side == "ours":
                 got["ours_save"] = timed(bench.ours_save)
+                result = timed(bench.ours_async_save)
+                got["ours_async_stall"], got["ours_async_total"] = result["stall"], result["total"]
             else:
                 got["raw_save"] = timed(bench.raw_save)
                 got["fsync"] = timed(bench.raw_fsync)  # outside raw_save's timer
@@ -296,9 +327,12 @@ def main() -> None:
         "state_mb": round(state_bytes / 1e6, 3),
         "save_vs_raw": round(med["ours_save"] / med["raw_save"], 3),
         "save_vs_raw_fsynced": round(med["ours_save"] / statistics.median(s + f for s, f in zip(times["raw_save"], times["fsync"])), 3),
+        "async_stall_vs_raw": round(med["ours_async_stall"] / med["raw_save"], 3),
         "load_vs_raw": round(med["ours_load"] / med["raw_load"], 3),
         "load_vs_raw_without_first_use": round(without_first_use("ours") / without_first_use("raw"), 3),
         "ours_save_s": round(med["ours_save"], 3),
+        "ours_async_stall_s": round(med["ours_async_stall"], 3),
+        "ours_async_total_s": round(med["ours_async_total"], 3),
         "raw_save_s": round(med["raw_save"], 3),
         "ours_load_s": round(med["ours_load"], 3),
         "raw_load_s": round(med["raw_load"], 3),

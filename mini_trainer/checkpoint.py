@@ -258,10 +258,10 @@ def write_safetensors(
                 continue
             pending.append(hasher.submit(digest.update, data))  # runs while we write the same bytes
             _write_all(f, data)
+        if fsync:
+            os.fsync(f.fileno())  # waits for the disk while the hasher catches up
         for future in pending:
             future.result()
-        if fsync:
-            os.fsync(f.fileno())
     return digest.hexdigest(), len(prefix) + offset
 
 

@@ -160,6 +160,7 @@ class CheckpointingHook(BaseHook):
             self.wait()  # training is over when its last checkpoint is on disk
         finally:
             self._restore_signal_handlers()
+            self._staging = checkpoint.StagingBuffers()  # give the copy's memory back between runs
 
     def on_exception(self, trainer: BaseTrainer, error: BaseException) -> None:
         # No new save: a step that raised may have left the state half-updated. A save in
@@ -174,7 +175,8 @@ class CheckpointingHook(BaseHook):
 
     def save(self, trainer: BaseTrainer) -> Path | None:
         """Write a checkpoint of the trainer's current state now (every rank must call it;
-        the main process writes). Returns its directory on the main process."""
+        the main process writes). Returns its directory on the main process, or None when
+        `async_save` is writing it in the background (`wait()` returns it then)."""
         directory = self.directory or self._resolve(trainer)
         self.wait()  # one save in flight at most: its buffers are reused, and saves land in order
         started = time.perf_counter()
