@@ -61,3 +61,35 @@ def test_fp16_on_cuda_trains_with_a_scaler():
     trainer = make_trainer(regression_batches(4, 8), device="cuda", mixed_precision="fp16", max_steps=4)
     trainer.train()
     assert trainer.grad_scaler is not None and trainer.grad_scaler.is_enabled()
+
+
+def test_memory_hook_reports_cuda_peak(tmp_path):
+    from mini_trainer import CudaMaxMemoryHook
+
+    trainer = make_trainer(regression_batches(4, 8), device="cuda", hooks=[CudaMaxMemoryHook()], max_steps=2)
+    trainer.train()
+    assert "max_rss" not in trainer.step_info
+    assert 0 < trainer.step_info["max_memory"] == torch.cuda.max_memory_allocated() / 2**30
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_checkpoint_of_a_cuda_run_resumes_exactly(tmp_path, async_save):
+    from mini_trainer import CheckpointingHook, EmaHook
+
+    def run(steps, workspace):
+        ema = EmaHook(decay=0.5, device="cpu")  # an EMA kept off the GPU
+        trainer = make_trainer(
+            regression_batches(6, 8), optimizer="adam", lr=1e-2, device="cuda", mixed_precision="bf16",
+            workspace=workspace, max_steps=steps,
+            hooks=[CheckpointingHook(interval=2, async_save=async_save), ema],
+        )
+        trainer.train()
+        return trainer, ema
+
+    straight, straight_ema = run(6, tmp_path / "a")
+    run(3, tmp_path / "b")
+    resumed, resumed_ema = run(6, tmp_path / "b")
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert a.device.type == "cuda" and torch.equal(a, b)
+    for a, b in zip(straight_ema.ema_model.parameters(), resumed_ema.ema_model.parameters()):
+        assert a.device.type == "cpu" and torch.equal(a, b)

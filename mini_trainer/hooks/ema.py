@@ -88,8 +88,10 @@ class EmaHook(BaseHook):
                 copied.append(ema_tensor)
                 copied_from.append(tensor)
         if self.device is not None:
-            current = [t.to(self.device, non_blocking=True) for t in current]
-            copied_from = [t.to(self.device, non_blocking=True) for t in copied_from]
+            # Blocking copies: a non_blocking device-to-host copy could still be in flight
+            # when the CPU reads it below.
+            current = [t.to(self.device) for t in current]
+            copied_from = [t.to(self.device) for t in copied_from]
         if averaged:
             torch._foreach_lerp_(averaged, [t.to(a.dtype) for a, t in zip(averaged, current)], 1.0 - self.decay)
         if copied:
