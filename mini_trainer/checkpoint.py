@@ -72,7 +72,7 @@ DEFAULT_FILE = "optimizer.safetensors"
 #: Where tensors go, by dotted prefix of their path in the state; the rest go to DEFAULT_FILE.
 DEFAULT_FILES = {"model": MODEL_FILE}
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+_STEP_DIR = re.compile(r"^step_(\d+)(\.replaced-[0-9a-f]+)?$")
 _OWN_STORAGE_BELOW = 64 << 10  # bytes: smaller tensors are copied out of the file buffer
 _CHUNK = 64 << 20  # bytes per read/hash unit: big enough that syscalls and GIL hand-offs vanish
 
@@ -133,13 +133,17 @@ def split_state(
         bucket[key] = tensor.detach()
         return {"$tensor": [file, key]}
 
+    numpy = sys.modules.get("numpy")
+
     def encode(value: Any, path: tuple[str, ...]) -> Any:
         if isinstance(value, torch.Tensor):
             return store(value, path)
+        if numpy is not None and isinstance(value, numpy.generic):  # before float: np.float64 is a float
+            return {"$numpy": [value.dtype.str, encode(value.item(), path)]}
         if value is None or isinstance(value, (bool, int, str)):
             return value
         if isinstance(value, float):
-            return value if math.isfinite(value) else {"$float": repr(value)}
+            return value if math.isfinite(value) else {"$float": repr(float(value))}
         if isinstance(value, Mapping):
             keys_plain = all(isinstance(k, str) and not k.startswith("$") for k in value)
             if keys_plain:
@@ -155,11 +159,8 @@ def split_state(
             return {"$dtype": str(value).removeprefix("torch.")}
         if isinstance(value, torch.device):
             return {"$device": str(value)}
-        numpy = sys.modules.get("numpy")
         if numpy is not None and isinstance(value, numpy.ndarray):
             return {"$ndarray": store(torch.from_numpy(value.copy()), path)["$tensor"]}
-        if numpy is not None and isinstance(value, numpy.generic):
-            return {"$numpy": [value.dtype.str, value.item()]}
         where = ".".join(path) or "<root>"
         raise TypeError(
             f"cannot checkpoint {type(value).__module__}.{type(value).__qualname__} at state path {where!r}: "
@@ -206,7 +207,7 @@ def join_state(skeleton: Any, tensors: Mapping[str, Mapping[str, torch.Tensor]])
             if tag == "$numpy":
                 import numpy
 
-                return numpy.dtype(body[0]).type(body[1])
+                return numpy.dtype(body[0]).type(decode(body[1]))
         return {k: decode(v) for k, v in value.items()}
 
     return decode(skeleton)
@@ -385,7 +386,7 @@ class StagingBuffers:
     def stage(self, prepared: PreparedCheckpoint) -> PreparedCheckpoint:
         staged: dict[str, dict[str, torch.Tensor]] = {}
         used: dict[tuple[str, str], torch.Tensor] = {}
-        from_cuda = False
+        cuda_devices: set[torch.device] = set()
         for file, tensors in prepared.tensors.items():
             staged[file] = {}
             for key, tensor in tensors.items():
@@ -393,10 +394,11 @@ class StagingBuffers:
                 if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
                     buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
                 buffer.copy_(tensor, non_blocking=tensor.is_cuda)
-                from_cuda = from_cuda or tensor.is_cuda
+                if tensor.is_cuda:
+                    cuda_devices.add(tensor.device)
                 staged[file][key] = used[(file, key)] = buffer
-        if from_cuda:
-            torch.cuda.synchronize()  # the copies must have landed before another thread reads them
+        for device in cuda_devices:
+            torch.cuda.synchronize(device)  # the copies must have landed before another thread reads them
         self._buffers = used  # tensors that are gone (e.g. a removed hook) free their buffers
         return PreparedCheckpoint(prepared.skeleton, staged, prepared.step, prepared.epoch)
 
@@ -439,28 +441,43 @@ def write_checkpoint(prepared: PreparedCheckpoint, root: str | os.PathLike, *, n
             "files": {file: {"sha256": digest, "bytes": size} for file, (digest, size) in sorted(written.items())},
             "state": prepared.skeleton,
         }
+        manifest["checksum"] = _manifest_checksum(manifest)  # the manifest is checked too, not just the files
         _write_text(temporary / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False), fsync=fsync)
         if fsync:
             _fsync_dir(temporary)
-        final = root / name
-        trash = None
-        if final.exists():  # saving the same step again (e.g. after a resume): keep the old until the new is in place
-            trash = root / f".trash-{name}-{secrets.token_hex(4)}"
-            os.replace(final, trash)
-        os.replace(temporary, final)
-        if fsync:
-            _fsync_dir(root)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    final = root / name
+    displaced = None
+    if final.exists():
+        # Saving a step that is already there (a resume that fell back past a damaged
+        # checkpoint, a manual save): move the old one aside under a name that loading
+        # still finds, so a kill between the two renames loses neither.
+        displaced = root / f"{name}.replaced-{secrets.token_hex(4)}"
+        os.replace(final, displaced)
+    try:
+        os.replace(temporary, final)
+    except BaseException:
+        if displaced is not None and not final.exists():
+            os.replace(displaced, final)
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if fsync:
+        _fsync_dir(root)
     _write_text(root / LATEST, name + "\n", fsync=fsync, atomic=True)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    if displaced is not None:
+        shutil.rmtree(displaced, ignore_errors=True)
     return final
 
 
+def _manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
+
+
 def _write_text(path: Path, text: str, *, fsync: bool, atomic: bool = False) -> None:
-    target = path.with_name(f".{path.name}.tmp-{os.getpid()}") if atomic else path
+    target = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}") if atomic else path
     with open(target, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -503,11 +520,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def _load_directory(directory: Path) -> dict[str, Any]:
     try:
+        return _load_directory_unchecked(directory)
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - I/O errors, malformed content: this checkpoint is unusable
+        raise CheckpointError(f"{directory}: cannot be loaded ({type(err).__name__}: {err})") from err
+
+
+def _load_directory_unchecked(directory: Path) -> dict[str, Any]:
+    try:
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{directory}: unreadable {MANIFEST} ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{directory}: {MANIFEST} is not a {FORMAT} manifest")
+    if manifest.get("checksum") != _manifest_checksum(manifest):
+        raise CheckpointError(f"{directory}: {MANIFEST} does not match its checksum (the file is damaged)")
     if manifest.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{directory}: checkpoint format version {manifest.get('version')!r}; this mini_trainer reads version {FORMAT_VERSION}")
     files = manifest.get("files")
@@ -542,7 +570,8 @@ def _load_torch_file(path: Path) -> dict[str, Any]:
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     """`(step, directory)` of every `step_*` directory in `root`, oldest first (complete or
-    not: `find_latest` checks them)."""
+    not: `find_latest` checks them), including copies displaced by a re-save of the same
+    step (`step_N.replaced-*`)."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -550,8 +579,10 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     for entry in root.iterdir():
         match = _STEP_DIR.match(entry.name)
         if match and entry.is_dir():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
+            # A displaced copy (`step_N.replaced-*`, left by a kill while step N was saved
+            # again) sorts just before `step_N`, so the exact name is tried first.
+            found.append((int(match.group(1)), match.group(2) is None, entry))
+    return [(step, entry) for step, _, entry in sorted(found)]
 
 
 def find_latest(root: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
@@ -592,12 +623,16 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int, keep_interval: in
     a crash mid-delete never leaves a half-deleted directory that looks like a checkpoint.
     Returns the deleted directories."""
     checkpoints = list_checkpoints(root)
+    exact = {directory.name for _, directory in checkpoints}
+    # A displaced copy whose step was saved again in full is not a checkpoint of its own.
+    superseded = [d for _, d in checkpoints if ".replaced-" in d.name and d.name.split(".")[0] in exact]
+    checkpoints = [(step, d) for step, d in checkpoints if d not in superseded]
     keep = {directory for _, directory in checkpoints[-keep_last:]} if keep_last > 0 else set()
     keep.update(Path(p) for p in protect)
     if keep_interval:
         keep.update(directory for step, directory in checkpoints if step % keep_interval == 0)
     deleted = []
-    for _, directory in checkpoints:
+    for directory in [*superseded, *(d for _, d in checkpoints)]:
         if directory in keep:
             continue
         trash = directory.with_name(f".trash-{directory.name}-{secrets.token_hex(4)}")

@@ -12,6 +12,9 @@ generator's state is not carried across epochs the same way.)
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
@@ -65,8 +68,10 @@ def stateful_loader(
     **kwargs: Any,
 ) -> Any:
     """A `torchdata.stateful_dataloader.StatefulDataLoader` over `dataset` whose position and
-    future epoch order survive a checkpoint. Extra keywords go to `StatefulDataLoader`
-    (e.g. `persistent_workers`, `prefetch_factor`)."""
+    future epoch order survive a checkpoint. Its workers ignore SIGTERM/SIGINT, so that a
+    signal sent to the whole process group reaches the trainer's checkpointing instead of
+    killing them. Extra keywords go to `StatefulDataLoader` (e.g. `persistent_workers`,
+    `prefetch_factor`, `worker_init_fn`)."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     check_int("batch_size", batch_size, minimum=1)
@@ -76,6 +81,7 @@ def stateful_loader(
             f"stateful_loader needs a map-style dataset with a length; got {type(dataset).__name__} "
             "(for an iterable dataset, build a StatefulDataLoader yourself and give the dataset state_dict())"
         )
+    worker_init_fn = kwargs.pop("worker_init_fn", None)
     for forbidden in ("sampler", "batch_sampler", "generator"):
         if forbidden in kwargs:
             raise TypeError(f"stateful_loader chooses the sampler itself; remove {forbidden}= (use shuffle= and seed=)")
@@ -87,6 +93,7 @@ def stateful_loader(
         num_workers=num_workers,
         collate_fn=collate_fn,
         pin_memory=pin_memory,
+        worker_init_fn=_WorkerInit(worker_init_fn) if num_workers else worker_init_fn,
         **kwargs,
     )
 
@@ -96,3 +103,34 @@ def tensor_loader(*tensors: torch.Tensor, batch_size: int, shuffle: bool = True,
     if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
         raise TypeError("tensor_loader needs one or more tensors with the same first dimension")
     return stateful_loader(TensorDataset(*tensors), batch_size, shuffle=shuffle, seed=seed, **kwargs)
+
+
+class _WorkerInit:
+    """Loader workers ignore SIGTERM and SIGINT from anyone but their own process. A
+    preemption (SLURM, `kill -TERM -<pgid>`) signals the whole process group; a worker
+    dying of it would crash the main process on its next batch before `CheckpointingHook`
+    could finish the step, save and exit. The workers still end with the main process, and
+    SIGTERM from the main process itself (how multiprocessing stops its workers at exit)
+    still ends the worker at once, which is why the sender is checked (Linux: `sigwaitinfo`
+    reports it; where that is missing, workers keep the default behaviour). A class, not a
+    closure: workers started with "spawn" must be able to pickle it."""
+
+    def __init__(self, user_fn: Callable[[int], None] | None) -> None:
+        self.user_fn = user_fn
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
+            # Take SIGTERM out of normal delivery (threads started later inherit the mask)
+            # and decide per sender in a thread of our own.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            threading.Thread(target=_terminate_only_for, args=(os.getppid(),), daemon=True).start()
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
+
+
+def _terminate_only_for(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:  # the loader (or multiprocessing at exit) stopping this worker
+            os._exit(128 + signal.SIGTERM)  # what the default action would report

@@ -176,6 +176,8 @@ class BaseTrainer:
         self._data_iter: Iterator | None = None
         self._skip_batches = 0  # batches to fast-forward after a resume (non-stateful loaders)
         self._loader_restored = False  # the loader's next iterator continues a checkpointed epoch
+        self._fit_limits: tuple[int | None, int | None] | None = None  # fit(epochs=, steps=), relative
+        self._restoring_hooks = 0  # on_before_train hooks with a negative priority (they restore state)
         self._param_key: tuple[int, int] | None = None
         self._params: list[torch.Tensor] = []
 
@@ -267,6 +269,9 @@ class BaseTrainer:
             event: [getattr(h, event) for h in sorted(hooks, key=lambda h: hook_priority(h, event)) if event in overridden_events(h)]
             for event in HOOK_EVENTS
         }
+        self._restoring_hooks = sum(
+            1 for h in hooks if "on_before_train" in overridden_events(h) and hook_priority(h, "on_before_train") < 0
+        )
         self._hooks_ready = True
         return sorted(hooks, key=hook_priority)
 
@@ -280,11 +285,20 @@ class BaseTrainer:
         """Train until `max_steps` optimizer steps or `max_epochs` epochs (whichever first),
         or until a hook sets `should_stop`."""
         self._build()
-        self.check_limits()
+        if self._fit_limits is None:
+            self.check_limits()
         self.should_stop = False
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        self._call_hooks("on_before_train")
+        # Hooks that restore state (a checkpoint) run first, at a negative priority; fit()'s
+        # relative limits then count from the restored step, and every other hook (progress,
+        # ETA, logging) starts from it too.
+        before_train = self._hooks_for["on_before_train"]
+        for method in before_train[: self._restoring_hooks]:
+            method(self)
+        self._apply_fit_limits()
+        for method in before_train[self._restoring_hooks :]:
+            method(self)
         try:
             while not self._finished():
                 self._run_step()
@@ -293,6 +307,14 @@ class BaseTrainer:
             self._call_hooks("on_exception", error)
             raise
         self._call_hooks("on_after_train")
+
+    def _apply_fit_limits(self) -> None:
+        if self._fit_limits is None:
+            return
+        epochs, steps = self._fit_limits
+        self._roll_over_if_epoch_done()
+        self.max_epochs = self.epoch + epochs if epochs is not None else None
+        self.max_steps = self.step + steps if steps is not None else None
 
     def check_limits(self) -> None:
         """Raise unless training has an end (`max_steps` or `max_epochs`)."""
@@ -600,9 +622,7 @@ class BaseTrainer:
             self.batch_in_epoch = 0
         limits = self.max_steps, self.max_epochs
         if epochs is not None or steps is not None:
-            self._roll_over_if_epoch_done()
-            self.max_epochs = self.epoch + epochs if epochs is not None else None
-            self.max_steps = self.step + steps if steps is not None else None
+            self._fit_limits = (epochs, steps)  # applied by train() once a checkpoint is restored
         metrics = StepMetrics()  # averages over this call, read once at the end
 
         def collect(trainer: BaseTrainer) -> None:
@@ -614,6 +634,7 @@ class BaseTrainer:
         finally:
             self._hooks_for["on_after_step"].remove(collect)
             self.max_steps, self.max_epochs = limits
+            self._fit_limits = None
         return {**metrics.compute(), "step": self.step, "epoch": self.epoch}
 
     # ======================================================================= logging
@@ -678,6 +699,12 @@ class BaseTrainer:
         self._data_iter = None
         # A loader that cannot restore its position is fast-forwarded to it instead.
         self._skip_batches = 0 if loader_resumes else self.batch_in_epoch
+        if self._skip_batches and type(getattr(self.data_loader, "sampler", None)) is torch.utils.data.RandomSampler:
+            self.logger.warning(
+                "resuming mid-epoch with a shuffling DataLoader that cannot save its order: the rest of "
+                "epoch %d comes in a different order than before the interruption (use "
+                "mini_trainer.data.stateful_loader for an exact resume)", self.epoch,
+            )
         self._loader_restored = loader_resumes
         if state_dict.get("rng") is not None:
             set_rng_state(state_dict["rng"])

@@ -159,6 +159,44 @@ def test_damaged_newest_checkpoint_is_reported_and_previous_used(tmp_path, caplo
     assert_same(older, state)
 
 
+def test_a_bit_flip_in_the_manifest_is_detected(tmp_path):
+    _, state = trained_state(steps=2)
+    directory = checkpoint.save_checkpoint(state, tmp_path)
+    text = (directory / "manifest.json").read_text()
+    (directory / "manifest.json").write_text(text.replace('"step": 2', '"step": 3', 1))  # still valid JSON
+    with pytest.raises(CheckpointError, match="checksum"):
+        checkpoint.load_checkpoint(directory)
+
+
+def test_numpy_scalars_round_trip_with_their_type(tmp_path):
+    state = {"step": 1, "model": {}, "values": [np.float64(1.5), np.float64("nan"), np.float32("inf"), np.int64(7), np.bool_(True)]}
+    back = checkpoint.load_checkpoint(checkpoint.save_checkpoint(state, tmp_path))["values"]
+    assert [type(v) for v in back] == [np.float64, np.float64, np.float32, np.int64, np.bool_]
+    assert back[0] == 1.5 and np.isnan(back[1]) and np.isinf(back[2]) and back[3] == 7 and back[4]
+
+
+def test_a_kill_while_a_step_is_saved_again_loses_neither_copy(tmp_path, monkeypatch):
+    _, state = trained_state(steps=2)
+    checkpoint.save_checkpoint(state, tmp_path)
+    real_replace = os.replace
+
+    def killed_after_moving_the_old_copy_aside(src, dst):
+        real_replace(src, dst)
+        if ".replaced-" in str(dst):
+            raise KeyboardInterrupt  # stands for a kill between the two renames
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_after_moving_the_old_copy_aside)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(state, tmp_path)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    found, loaded = checkpoint.find_latest(tmp_path)  # the moved copy is still found
+    assert loaded["step"] == 2
+    checkpoint.remove_temporaries(tmp_path)
+    checkpoint.save_checkpoint(state, tmp_path)
+    checkpoint.prune_checkpoints(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000000002"]
+
+
 def test_find_latest_ignores_temporaries_and_uses_newest_complete(tmp_path):
     _, state = trained_state(steps=2)
     checkpoint.save_checkpoint(state, tmp_path)
@@ -225,6 +263,7 @@ def test_manifest_cannot_point_outside_the_checkpoint(tmp_path):
     directory = checkpoint.save_checkpoint(state, tmp_path)
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
+    manifest["checksum"] = checkpoint._manifest_checksum(manifest)  # a deliberate edit, not damage
     (directory / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="outside"):
         checkpoint.load_checkpoint(directory)

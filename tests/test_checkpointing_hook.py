@@ -188,6 +188,39 @@ def test_signal_finishes_the_step_saves_and_exits_with_128_plus_signal(tmp_path,
     assert same_params(resumed.model, straight.model)
 
 
+def test_signals_ignored_by_the_parent_stay_ignored(tmp_path):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for `python train.py &` in a script
+    try:
+        run = net(tmp_path, [CheckpointingHook(interval=100), SendSignal(2, signal.SIGINT)], max_steps=4)
+        run.train()  # no exit: SIGINT stays ignored
+        assert run.step == 4 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_fit_steps_count_from_the_restored_step(tmp_path):
+    net(tmp_path, [CheckpointingHook(interval=None)], max_steps=4).train()
+    resumed = net(tmp_path, [CheckpointingHook(interval=None)], max_steps=None)
+    result = resumed.fit(steps=3)
+    assert (resumed.step, result["step"]) == (7, 7)
+    straight = net(tmp_path / "straight", [], max_steps=7)
+    straight.train()
+    assert same_params(resumed.model, straight.model)
+
+
+def test_resuming_a_plain_shuffled_dataloader_mid_epoch_warns(tmp_path, caplog):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class PlainNet(Net):
+        def build_data_loader(self):  # a DataLoader(shuffle=True): no state, order not reproducible
+            dataset = TensorDataset(torch.randn(40, 4), torch.randn(40, 1))
+            return DataLoader(dataset, batch_size=8, shuffle=True)
+
+    PlainNet(max_steps=2, device="cpu", workspace=tmp_path, hooks=[CheckpointingHook(interval=None)]).train()
+    PlainNet(max_steps=3, device="cpu", workspace=tmp_path, hooks=[CheckpointingHook(interval=None)]).train()
+    assert "comes in a different order" in caplog.text
+
+
 def test_fixed_exit_code(tmp_path):
     run = net(tmp_path, [CheckpointingHook(exit_code=0), SendSignal(2, signal.SIGTERM)])
     with pytest.raises(SystemExit) as exit_info:
@@ -231,6 +264,24 @@ def test_ema_checkpoint_holds_this_steps_average_in_any_hook_order(tmp_path):
     assert all(torch.equal(saved["ema_first"][k], saved["checkpoint_first"][k]) for k in saved["ema_first"])
 
 
+def test_ema_of_a_bf16_model_is_averaged_in_float32():
+    model = nn.Linear(64, 64).to(torch.bfloat16)
+    ema = EmaHook(decay=0.999)
+
+    class Holder:
+        unwrapped_model = model
+
+    ema.on_before_train(Holder())
+    start = ema.ema_model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the weights jump by 1 and stay there
+    for _ in range(100):
+        ema.update(model)
+    moved = (ema.ema_model.weight - start).mean().item()
+    assert ema.ema_model.weight.dtype == torch.float32
+    assert moved == pytest.approx(1 - 0.999**100, rel=0.05)  # ~0.095; a bf16 average stays near 0
+
+
 def test_ema_on_cpu_for_evaluation(tmp_path):
     ema = EmaHook(decay=0.9, device="cpu")
     net(tmp_path, [ema], max_steps=2).train()
@@ -251,9 +302,12 @@ def test_ema_missing_from_checkpoint_restarts_from_loaded_weights(tmp_path, capl
 # ----------------------------------------------------------------------------- memory
 
 
-def test_memory_hook_reports_peak_rss_on_cpu(tmp_path):
+@pytest.mark.parametrize("memory_first", [True, False])
+def test_memory_hook_reports_peak_rss_on_cpu(tmp_path, memory_first):
     out = io.StringIO()
-    run = net(tmp_path, [CudaMaxMemoryHook(), ProgressHook(interval=2, file=out), LoggingHook(interval=2)], max_steps=4)
+    reporters = [ProgressHook(interval=2, file=out), LoggingHook(interval=2)]
+    hooks = [CudaMaxMemoryHook(), *reporters] if memory_first else [*reporters, CudaMaxMemoryHook()]
+    run = net(tmp_path, hooks, max_steps=4)
     run.train()
     assert "max_memory" not in run.step_info
     assert 0.01 < run.step_info["max_rss"] < 64  # GiB: a Python process with torch loaded
@@ -277,6 +331,8 @@ def test_memory_hook_reports_peak_rss_on_cpu(tmp_path):
         (dict(exit_code=300), ValueError, "0..255"),
         (dict(exit_code="128+sig"), TypeError, "exit_code"),
         (dict(exit_wait=-1), ValueError, "exit_wait"),
+        (dict(async_save="no"), TypeError, "CheckpointingHook.async_save must be True or False"),
+        (dict(fsync=1), TypeError, "CheckpointingHook.fsync"),
     ],
 )
 def test_checkpointing_hook_rejects_bad_arguments(kwargs, error, match):
@@ -290,8 +346,18 @@ def test_checkpointing_hook_rejects_bad_arguments(kwargs, error, match):
         (dict(decay=1.5), ValueError, r"EmaHook.decay must be in \[0, 1\]; got 1.5"),
         (dict(update_interval=0), ValueError, "EmaHook.update_interval"),
         (dict(name="ema weights"), ValueError, "EmaHook.name"),
+        (dict(name="model"), ValueError, "other than model"),
+        (dict(device="gpu"), ValueError, "EmaHook.device must be None or a device"),
     ],
 )
 def test_ema_hook_rejects_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         EmaHook(**kwargs)
+
+
+def test_two_ema_hooks_need_two_names(tmp_path):
+    with pytest.raises(ValueError, match="ema.safetensors"):
+        net(tmp_path, [CheckpointingHook(interval=1), EmaHook(decay=0.9), EmaHook(decay=0.99)], max_steps=1).train()
+    hooks = [CheckpointingHook(interval=1), EmaHook(decay=0.9), EmaHook(decay=0.99, name="ema_slow")]
+    net(tmp_path / "ok", hooks, max_steps=1).train()
+    assert (tmp_path / "ok" / "checkpoints" / "step_000000001" / "ema_slow.safetensors").exists()

@@ -39,11 +39,28 @@ def run(workspace: Path, *args: str, check_rc: int | None = 0) -> subprocess.Com
     return result
 
 
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap():
+    """A failing test must not leave a training process group behind."""
+    yield
+    while _started:
+        process = _started.pop()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def start(workspace: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, str(SCRIPT), str(workspace), "--steps", str(STEPS), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        start_new_session=True,  # its own process group, as a job under a scheduler
     )
+    _started.append(process)
+    return process
 
 
 def read_until(process: subprocess.Popen, predicate) -> list[str]:
@@ -71,11 +88,13 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def kill_points(seed: int) -> list[tuple[int, str]]:
     """Six SIGKILL points: an epoch boundary inside an accumulation step (step 6 draws the
-    last batch of epoch 0 and the first of epoch 1), the exact end of an epoch (step 11),
-    and four random ones (steps and phases), in the order a run meets them."""
+    last batch of epoch 0 and the first of epoch 1), the step after an epoch's exact end
+    (step 11 ends epoch 1; the run killed at 12 saves at 11, so the next one resumes from
+    a checkpoint taken at the very end of an epoch), and four random ones (steps and
+    phases), in the order a run meets them."""
     rng = random.Random(seed)
-    steps = rng.sample([s for s in range(2, STEPS) if s not in (6, 11)], 4)
-    points = [(6, "fwd1"), (11, "after")] + [(s, rng.choice(["fwd0", "fwd1", "after"])) for s in steps]
+    steps = rng.sample([s for s in range(2, STEPS) if s not in (6, 11, 12)], 4)
+    points = [(6, "fwd1"), (12, "fwd0")] + [(s, rng.choice(["fwd0", "fwd1", "after"])) for s in steps]
     return sorted(points)
 
 
@@ -83,7 +102,8 @@ def test_sigkill_at_six_points_then_resume_gives_identical_files(uninterrupted, 
     seed = int(os.environ.get("RESUME_TEST_SEED", "20261122"))
     points = kill_points(seed)
     for step, phase in points:
-        result = run(tmp_path, "--kill", f"{step}:{phase}", check_rc=-signal.SIGKILL)
+        interval = "11" if step == 12 else "4"
+        result = run(tmp_path, "--interval", interval, "--kill", f"{step}:{phase}", check_rc=-signal.SIGKILL)
         printed = result.stdout.splitlines()
         assert f"step {step}" not in printed and (step == 1 or printed[-1] == f"step {step - 1}"), printed
     run(tmp_path)
@@ -139,6 +159,19 @@ def test_sigterm_saves_the_step_reached_exits_143_and_resumes(uninterrupted, tmp
     assert "SIGTERM received" in err and "exiting with code 143" in err
     result = run(tmp_path, "--interval", "100")
     assert result.stdout.split("\n")[0] == f"step {last_step + 1}"
+    assert_same_final_files(uninterrupted, tmp_path)
+
+
+def test_sigterm_to_the_process_group_with_loader_workers(uninterrupted, tmp_path):
+    # Schedulers signal the whole group: the loader's workers get SIGTERM too.
+    process = start(tmp_path, "--interval", "100", "--workers", "2")
+    read_until(process, lambda lines: "step 9" in lines)
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    last_step = max(int(line.split()[1]) for line in ["step 9", *out.splitlines()] if line.startswith("step "))
+    assert [step for step, _ in checkpoint.list_checkpoints(tmp_path / "checkpoints")] == [last_step]
+    run(tmp_path, "--interval", "100", "--workers", "2")
     assert_same_final_files(uninterrupted, tmp_path)
 
 

@@ -33,7 +33,9 @@ HOOK_EVENTS = (
 class BaseHook:
     """Base class for trainer hooks; every method is a no-op.
 
-    - `on_before_train(trainer)` / `on_after_train(trainer)`: once around `train()`.
+    - `on_before_train(trainer)` / `on_after_train(trainer)`: once around `train()`. Those
+      with a negative priority for `on_before_train` run before `fit()`'s relative limits
+      are set: that is where a hook restores a checkpoint.
     - `on_before_step(trainer)` / `on_after_step(trainer)`: around each optimizer step;
       `trainer.step_info` holds the step's loss, records, grad_norm, lr, timings, retries.
     - `on_log(trainer, records, dry_run)` / `on_log_images(trainer, images, dry_run)`: fan-out

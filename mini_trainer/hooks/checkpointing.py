@@ -43,7 +43,8 @@ class CheckpointingHook(BaseHook):
         keep_interval: also keep every checkpoint whose step is a multiple of this.
         path: the checkpoint directory; a relative path is taken inside `trainer.workspace`
             when the trainer has one.
-        load: where to resume from when training starts.
+        load: where to resume from when training starts (a relative path is taken from the
+            current directory, unlike `path`).
             "latest": the newest valid checkpoint in `path` (none: start from scratch).
             a path (a checkpoint directory, another run's checkpoint directory, or a
             `.pt` state dict): start from it, unless `path` already holds a checkpoint of
@@ -104,6 +105,9 @@ class CheckpointingHook(BaseHook):
             check_int("CheckpointingHook.exit_code", exit_code, minimum=0)
             if exit_code > 255:
                 raise ValueError(f"CheckpointingHook.exit_code must be '128+signal' or an integer in 0..255; got {exit_code!r}")
+        for flag, value in (("save_at_end", save_at_end), ("fsync", fsync), ("async_save", async_save)):
+            if not isinstance(value, bool):
+                raise TypeError(f"CheckpointingHook.{flag} must be True or False; got {type(value).__name__} {value!r}")
         check_number("CheckpointingHook.exit_wait", exit_wait, allow_none=False)
         if exit_wait < 0:
             raise ValueError(f"CheckpointingHook.exit_wait must be >= 0 seconds; got {exit_wait!r}")
@@ -217,7 +221,10 @@ class CheckpointingHook(BaseHook):
         """Files of their own for hook tensors (e.g. `EmaHook` -> ema.safetensors)."""
         files: dict[str, str] = {}
         for hook in trainer.hooks:
-            files.update(getattr(hook, "checkpoint_files", None) or {})
+            for prefix, name in (getattr(hook, "checkpoint_files", None) or {}).items():
+                if name in files.values() or name in (checkpoint.MODEL_FILE, checkpoint.DEFAULT_FILE):
+                    raise ValueError(f"two hooks want their tensors in {name}: give them different names (e.g. EmaHook(name=...))")
+                files[prefix] = name
         return files
 
     # ------------------------------------------------------------------ resuming
@@ -255,12 +262,14 @@ class CheckpointingHook(BaseHook):
     # ------------------------------------------------------------------ signals
 
     def _install_signal_handlers(self) -> None:
-        if not self.exit_signals or self._previous_handlers:
+        if self._previous_handlers:
             return
         if threading.current_thread() is not threading.main_thread():
             logger.warning("CheckpointingHook: training runs outside the main thread; exit_signals are not handled")
             return
         for signum in self.exit_signals:
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # ignored on purpose by whoever started us (e.g. SIGINT for `cmd &`)
             # A bound method, not a closure made in this loop: each signal is recorded as itself.
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
@@ -287,5 +296,6 @@ class CheckpointingHook(BaseHook):
         if not distributed.barrier(timeout=self.exit_wait):
             logger.warning("other ranks did not reach the exit within %.0fs; exiting anyway", self.exit_wait)
         trainer.should_stop = True
+        self._signal = None  # handled: a later train() in this process starts clean
         self._restore_signal_handlers()
         raise SystemExit(code)

@@ -28,7 +28,7 @@ class CudaMaxMemoryHook(BaseHook):
     `trainer.step_info` after every step; on CPU/MPS add `max_rss` (GiB, peak resident
     memory of this process) instead."""
 
-    priority = 0  # before ProgressHook and LoggingHook read step_info
+    priority = -10  # before ProgressHook (10) and LoggingHook (0) read step_info
 
     def on_before_train(self, trainer: BaseTrainer) -> None:
         device = trainer.device
