@@ -43,15 +43,16 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def _simplex(num_classes: int, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """A regular simplex: the centred standard basis of R^C lies in the (C-1)-dimensional
-    plane orthogonal to (1, ..., 1); take its coordinates in an orthonormal basis of that
-    plane, then place them in R^dim through random orthonormal columns."""
+    """A regular simplex: the rows of I - 1/C (the centred standard basis of R^C) are
+    equidistant, placed in R^dim through random orthonormal columns. When dim = C - 1 they
+    first get coordinates in their own (C-1)-dimensional plane."""
     c = num_classes
     centred = torch.eye(c, dtype=torch.float64) - 1.0 / c
-    plane, _ = torch.linalg.qr(centred[:, : c - 1])  # orthonormal basis of the plane, (C, C-1)
-    coordinates = centred @ plane  # (C, C-1), same pairwise geometry
-    rotation, _ = torch.linalg.qr(torch.randn(dim, c - 1, generator=generator, dtype=torch.float64))  # (dim, C-1)
-    return _normalise(coordinates @ rotation.T)
+    if dim < c:  # dim == c - 1: express the rows in a basis of the plane orthogonal to (1, ..., 1)
+        plane, _ = torch.linalg.qr(centred[:, : c - 1])
+        centred = centred @ plane
+    rotation, _ = torch.linalg.qr(torch.randn(dim, centred.shape[1], generator=generator, dtype=torch.float64))
+    return _normalise(centred @ rotation.T)
 
 
 def _minimise_energy(points: torch.Tensor, steps: int) -> torch.Tensor:

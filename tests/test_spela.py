@@ -1,0 +1,198 @@
+"""SpelaTrainer: class vectors, locality of learning, the ways to build it, evaluation by
+exit layer, and that the trainer's features (accumulation, AMP, checkpoints) still work."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mini_trainer import CheckpointingHook
+from mini_trainer.data import tensor_loader
+from mini_trainer.strategies import SpelaConfig, SpelaNet, SpelaTrainer, class_vectors, min_pairwise_angle
+
+
+def blobs(n=240, features=12, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, features, generator=g) * 3
+    y = torch.randint(0, classes, (n,), generator=g)
+    return centres[y] + torch.randn(n, features, generator=g), y
+
+
+def mlp(features=12, hidden=32, out=8):
+    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+
+def trainer(tmp_path=None, steps=30, hooks=None, **kwargs):
+    x, y = blobs()
+    kwargs.setdefault("seed", 0)
+    torch.manual_seed(0)  # the same initial weights for every run built here
+    return SpelaTrainer(mlp(), num_classes=4, lr=5e-2, data_loader=tensor_loader(x, y, batch_size=16, seed=1),
+                        max_steps=steps, device="cpu", workspace=tmp_path, hooks=hooks, **kwargs)
+
+
+# ----------------------------------------------------------------------------- class vectors
+
+
+@pytest.mark.parametrize("classes, dim", [(10, 64), (10, 9), (3, 2), (2, 5)])
+def test_few_classes_form_a_regular_simplex(classes, dim):
+    v = class_vectors(classes, dim)
+    assert v.shape == (classes, dim) and v.dtype == torch.float32
+    torch.testing.assert_close(v.norm(dim=1), torch.ones(classes))
+    cosines = (v.double() @ v.double().T)[~torch.eye(classes, dtype=torch.bool)]
+    torch.testing.assert_close(cosines, torch.full_like(cosines, -1 / (classes - 1)), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("classes, dim, optimum", [(6, 3, 90.0), (4, 2, 90.0), (8, 2, 45.0)])
+def test_more_classes_than_dimensions_spread_near_the_optimum(classes, dim, optimum):
+    # Known minimum-energy configurations: the octahedron, the square, the regular octagon.
+    assert min_pairwise_angle(class_vectors(classes, dim)) == pytest.approx(optimum, abs=1.0)
+
+
+def test_vectors_are_deterministic_per_seed_and_fast_for_many_classes():
+    assert torch.equal(class_vectors(50, 8, seed=3), class_vectors(50, 8, seed=3))
+    assert not torch.equal(class_vectors(50, 8, seed=3), class_vectors(50, 8, seed=4))
+    many = class_vectors(1100, 16, steps=20)  # more rows than one block of the energy gradient
+    torch.testing.assert_close(many.norm(dim=1), torch.ones(1100))
+    random = class_vectors(1100, 16, method="random")
+    assert min_pairwise_angle(many) > min_pairwise_angle(random) + 5
+    assert class_vectors(500, 1024).shape == (500, 1024)  # a simplex: built directly, no iterations
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_no_gradient_crosses_layers():
+    torch.manual_seed(0)
+    run = trainer(steps=1, gradient_accumulation_steps=2)  # deferred update: gradients stay to be inspected
+    run.build()
+    net = run.spela_net
+    x, y = blobs(16)
+    run.model.train()
+    run.forward((x, y))
+    together = [p.grad.clone() for p in net.layers[0].parameters()]
+    # Layer 1 alone, from its own local loss: the same gradient, so layers 2-3 sent nothing back.
+    for p in net.parameters():
+        p.grad = None
+    out = net.layer_output(net.layer_input(x, 0), 0)
+    target = net.vectors(0, out.shape[1], out.device)[y]
+    (-torch.nn.functional.cosine_similarity(out, target, dim=1).mean() / 2).backward()
+    for alone, both in zip((p.grad for p in net.layers[0].parameters()), together):
+        torch.testing.assert_close(alone, both)
+
+
+def test_learns_and_evaluates_every_exit_layer():
+    run = trainer(steps=60)
+    run.train()
+    x, y = blobs(seed=0)
+    results = run.evaluate(tensor_loader(x, y, batch_size=64, shuffle=False))
+    assert set(results) == {"exit_1_accuracy", "exit_2_accuracy", "exit_3_accuracy", "accuracy"}
+    assert results["accuracy"] == results["exit_3_accuracy"] > 0.9
+    assert (run.predict(x[:8]) == run.predict(x[:8], exit_layer=2)).all()
+    assert run.step_info["grad_norm"] > 0 and "last_layer_cos" in run.step_info["records"]
+
+
+def test_one_layer_at_a_time_frees_gradients_before_the_next_layer_runs():
+    run = trainer(steps=1)
+    run.build()
+    seen = []
+
+    def record(module, args, output):
+        seen.append(sum(p.grad is not None for p in run.spela_net.parameters()))
+
+    for layer in run.spela_net.layers:
+        layer.register_forward_hook(record)
+    run.train()
+    assert seen == [0, 0, 0]  # no layer's gradient exists while another layer runs
+    assert all(p.grad is None for p in run.spela_net.parameters())
+
+
+def test_accumulation_equals_the_big_batch():
+    x, y = blobs(64)
+    big = SpelaTrainer(mlp(), num_classes=4, lr=5e-2, momentum=0.0, seed=0, device="cpu", data_loader=[(x, y)], max_steps=1)
+    big.train()
+    small = SpelaTrainer(mlp(), num_classes=4, lr=5e-2, momentum=0.0, seed=0, device="cpu",
+                         data_loader=[(x[:32], y[:32]), (x[32:], y[32:])], max_steps=1, gradient_accumulation_steps=2)
+    small.train()
+    for a, b in zip(big.spela_net.parameters(), small.spela_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(precision):
+    run = trainer(steps=20, mixed_precision=precision)
+    run.train()
+    assert math.isfinite(float(run.step_info["loss"]))
+    assert (run.grad_scaler is not None) == (precision == "fp16")
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    straight = trainer(tmp_path / "a", steps=20)
+    straight.train()
+    trainer(tmp_path / "b", steps=9, hooks=[CheckpointingHook(interval=4)]).train()
+    resumed = trainer(tmp_path / "b", steps=20, hooks=[CheckpointingHook(interval=4)])
+    resumed.train()
+    assert resumed.hooks[0].resumed_from.name == "step_000000009"
+    for a, b in zip(straight.spela_net.parameters(), resumed.spela_net.parameters()):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def test_seed_readme_api_with_layers_of_a_model_and_config():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(12, 32)
+            self.fc2 = nn.Linear(32, 8)
+
+    model = Net()
+    run = SpelaTrainer(model, [model.fc1, model.fc2], [nn.ReLU(), None], SpelaConfig(num_classes=4, lr=5e-2), device="cpu")
+    x, y = blobs()
+    run.fit(tensor_loader(x, y, batch_size=16), epochs=3)
+    assert run.evaluate([(x, y)])["accuracy"] > 0.8
+    assert run.spela_net.layers[0] is model.fc1  # the user's modules are trained in place
+
+
+def test_sequential_is_split_at_modules_with_parameters():
+    seq = nn.Sequential(nn.Flatten(), nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 5))
+    net = SpelaNet.from_sequential(seq, SpelaConfig(num_classes=3))
+    assert len(net.layers) == 3
+    assert isinstance(net.layers[0], nn.Sequential) and isinstance(net.layers[0][1], nn.Conv2d)
+    assert isinstance(net.activations[0][0], nn.BatchNorm2d)  # normalisation stays with its layer
+    assert isinstance(net.activations[1][0], nn.Tanh) and isinstance(net.activations[2], nn.Identity)
+
+
+def test_cnn_blocks_train_and_non_vector_outputs_are_refused_without_auto_flatten():
+    block = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    images, labels = torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,))
+    run = SpelaTrainer(layers=[block, nn.Linear(4, 6)], num_classes=3, device="cpu", data_loader=[(images, labels)], max_steps=2)
+    run.train()
+    bare = nn.Conv2d(1, 4, 3)  # output (B, 4, 6, 6): not a vector per sample
+    strict = SpelaTrainer(layers=[bare], num_classes=3, auto_flatten=False, device="cpu", data_loader=[(images, labels)], max_steps=1)
+    with pytest.raises(ValueError, match=r"layer 1 gives an output of shape \(32, 4, 6, 6\).*pooling \+ nn.Flatten"):
+        strict.train()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(), TypeError, "needs num_classes"),
+        (dict(num_classes=1), ValueError, "SpelaConfig.num_classes must be an integer >= 2"),
+        (dict(num_classes=3, embeddings_method="farthest"), ValueError, "embeddings_method must be one of 'energy', 'random'"),
+        (dict(num_classes=3, momentum=1.0), ValueError, r"momentum must be in \[0, 1\)"),
+        (dict(num_classes=3, grad_clip=0), ValueError, "SpelaConfig.grad_clip"),
+    ],
+)
+def test_bad_settings_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SpelaTrainer(mlp(), device="cpu", **kwargs)
+
+
+def test_layers_are_required():
+    with pytest.raises(ValueError, match="needs layers"):
+        SpelaTrainer(nn.Linear(3, 3), num_classes=3, device="cpu", data_loader=[], max_steps=1).build()
