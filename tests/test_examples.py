@@ -59,3 +59,11 @@ def test_checkpoint_example_resumes_to_identical_weights(tmp_path):
     assert "resumed from step_000000150" in proc.stdout
     assert "checkpoints: step_000000250, step_000000300" in proc.stdout
     assert proc.stdout.strip().endswith("identical to the uninterrupted run: True")
+
+
+@pytest.mark.slow
+def test_spela_example_learns_digits_at_every_exit():
+    out = run_example("spela_digits.py")
+    accuracies = dict(line.split() for line in out.strip().splitlines())
+    assert set(accuracies) == {"exit_1_accuracy", "exit_2_accuracy", "exit_3_accuracy", "accuracy"}
+    assert float(accuracies["accuracy"]) > 0.93

@@ -196,3 +196,16 @@ def test_bad_settings_are_named(kwargs, error, match):
 def test_layers_are_required():
     with pytest.raises(ValueError, match="needs layers"):
         SpelaTrainer(nn.Linear(3, 3), num_classes=3, device="cpu", data_loader=[], max_steps=1).build()
+
+
+def test_config_builds_a_spela_trainer_that_scores_its_held_out_split(tmp_path):
+    from mini_trainer import build_from_cfg, load_config
+
+    cfg = load_config("configs/digits_spela.py", [f"trainer.workspace={tmp_path}", "trainer.max_epochs=2"])
+    run = build_from_cfg(cfg["trainer"])
+    run.build()
+    assert isinstance(run, SpelaTrainer) and len(run.spela_net.layers) == 3  # split from the MLP config
+    run.train()
+    results = run.evaluate()
+    assert set(results) == {"test_exit_1_accuracy", "test_exit_2_accuracy", "test_exit_3_accuracy", "test_accuracy"}
+    assert results["test_accuracy"] > 0.8

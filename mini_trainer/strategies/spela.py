@@ -209,8 +209,20 @@ class SpelaTrainer(BaseTrainer):
         super().__init__(**kwargs)
         self._layer_params: list[list[nn.Parameter]] = []
         self._layer_norms: list[torch.Tensor] = []
+        self.eval_loaders: dict[str, Iterable] = {}
 
     # ------------------------------------------------------------------ build
+
+    def build_data_loader(self) -> Iterable:
+        """`data_loader` may also be `{"train": loader, <split>: loader, ...}` (what
+        `digits_loaders` returns): training uses "train", `evaluate()` the other splits."""
+        loaders = self._given_or_missing("data_loader")
+        if isinstance(loaders, Mapping):
+            if "train" not in loaders:
+                raise KeyError(f"data_loader is a dict without a 'train' loader (keys: {', '.join(loaders)})")
+            self.eval_loaders = {k: v for k, v in loaders.items() if k != "train"}
+            return loaders["train"]
+        return loaders
 
     def build_model(self) -> nn.Module:
         if self._user_layers is not None:
@@ -345,10 +357,13 @@ class SpelaTrainer(BaseTrainer):
             net.train(was_training)
 
     @torch.no_grad()
-    def evaluate(self, loader: Iterable | Mapping[str, Iterable]) -> dict[str, float]:
+    def evaluate(self, loader: Iterable | Mapping[str, Iterable] | None = None) -> dict[str, float]:
         """Accuracy at every exit layer: `{"exit_1_accuracy": ..., ..., "accuracy": <last>}`
-        (a dict of loaders gives `<name>_exit_1_accuracy`, ..., `<name>_accuracy`)."""
+        (a dict of loaders gives `<name>_exit_1_accuracy`, ..., `<name>_accuracy`; None:
+        the held-out splits given with `data_loader={"train": ..., "test": ...}`)."""
         self._build()
+        if loader is None:
+            loader = self.eval_loaders
         if isinstance(loader, Mapping):
             results: dict[str, float] = {}
             for name, each in loader.items():
