@@ -4,8 +4,6 @@ last micro-step produces no loss. (torchrun coverage comes with the distributed 
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -22,12 +20,6 @@ from mini_trainer import BaseTrainer  # noqa: E402
 
 STEPS = 3
 MARKER = 1e6  # a micro-batch whose forward returns no loss
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_batches(rank: int, lossless_last: bool):
@@ -56,10 +48,10 @@ def counting_allreduce(state: AllReduceCount, bucket):
     return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, lossless_last: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, out_dir: str, lossless_last: bool) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no TCP port that another process could take between pick and bind.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     try:
         model = nn.parallel.DistributedDataParallel(make_model())
         counter = AllReduceCount(world)
@@ -76,7 +68,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, lossless_last: bool)
 @pytest.mark.slow
 @pytest.mark.parametrize("lossless_last", [False, True], ids=["every-micro-step", "lossless-last-micro-step"])
 def test_ddp_accumulation_matches_one_process(tmp_path, lossless_last):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), lossless_last), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, str(tmp_path), lossless_last), nprocs=2, join=True,
                        start_method="spawn")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.testing.assert_close(results[0]["params"], results[1]["params"], rtol=0, atol=0)

@@ -16,7 +16,6 @@ checkpoint file fsync prints "fsync NAME" when --slow-fsync is given.
 import argparse
 import os
 import signal
-import sys
 import time
 
 import torch
