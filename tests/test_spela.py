@@ -209,3 +209,19 @@ def test_config_builds_a_spela_trainer_that_scores_its_held_out_split(tmp_path):
     results = run.evaluate()
     assert set(results) == {"test_exit_1_accuracy", "test_exit_2_accuracy", "test_exit_3_accuracy", "test_accuracy"}
     assert results["test_accuracy"] > 0.8
+
+
+def test_subclassing_with_build_model_and_data():
+    class Mine(SpelaTrainer):
+        def build_model(self):
+            torch.manual_seed(0)
+            return SpelaNet([nn.Linear(12, 16), nn.Linear(16, 6)], [nn.ReLU(), None], self.config)
+
+        def build_data_loader(self):
+            x, y = blobs()
+            return tensor_loader(x, y, batch_size=16)
+
+    run = Mine(num_classes=4, lr=5e-2, max_epochs=3, device="cpu")
+    run.train()
+    x, y = blobs()
+    assert run.evaluate([(x, y)])["accuracy"] > 0.8
