@@ -5,18 +5,17 @@ whose epochs do not line up with the accumulation steps, an LR schedule, gradien
 AdamW state and an EMA. Usage:
 
     python resumable_run.py WORKSPACE [--steps N] [--interval K] [--kill STEP:PHASE]
-                            [--slow-fsync SECONDS] [--workers N] [--async-save]
+                            [--kill-after-fsync STEP:N] [--workers N] [--async-save]
 
 --kill STEP:PHASE sends SIGKILL to this process during optimizer step STEP (1-based):
 PHASE "fwd0"/"fwd1" in the first/second micro-batch's forward, "after" once the step is
-done but before it is checkpointed. Each finished step prints "step N" (flushed), each
-checkpoint file fsync prints "fsync NAME" when --slow-fsync is given.
+done but before it is checkpointed. --kill-after-fsync STEP:N sends SIGKILL right after
+the N-th fsync while step STEP's checkpoint is written. Each finished step prints "step N".
 """
 
 import argparse
 import os
 import signal
-import time
 
 import torch
 from torch import nn
@@ -31,7 +30,7 @@ parser.add_argument("workspace")
 parser.add_argument("--steps", type=int, default=30)
 parser.add_argument("--interval", type=int, default=4)
 parser.add_argument("--kill", default=None)
-parser.add_argument("--slow-fsync", type=float, default=0.0)
+parser.add_argument("--kill-after-fsync", default=None, help="STEP:N: SIGKILL right after the N-th fsync of step STEP's checkpoint")
 parser.add_argument("--workers", type=int, default=0)
 parser.add_argument("--load", default="latest")
 parser.add_argument("--async-save", action="store_true")
@@ -48,16 +47,22 @@ def die_if(step: int, phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-if args.slow_fsync:
+current_step = 0  # the last finished step (set before its checkpoint is written)
+
+if args.kill_after_fsync:
+    fsync_step, fsync_count = (int(v) for v in args.kill_after_fsync.split(":"))
     real_fsync = os.fsync
+    fsyncs = []
 
-    def slow_fsync(fd: int) -> None:
+    def fsync_then_maybe_die(fd: int) -> None:
         real_fsync(fd)
-        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-        print(f"fsync {name}", flush=True)
-        time.sleep(args.slow_fsync)
+        if current_step == fsync_step:
+            fsyncs.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+            if len(fsyncs) == fsync_count:
+                print("killed after fsync of", ", ".join(fsyncs), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint.os.fsync = slow_fsync  # the checkpoint module's writes only (same os module, so all fsyncs)
+    checkpoint.os.fsync = fsync_then_maybe_die  # the checkpoint module's os: every fsync of a save
 
 
 class Resumable(BaseTrainer):
@@ -90,7 +95,9 @@ class Markers(BaseHook):
         trainer.micro = 0
 
     def on_after_step(self, trainer):
+        global current_step
         die_if(trainer.step, "after")
+        current_step = trainer.step
         print(f"step {trainer.step}", flush=True)
 
 
