@@ -18,6 +18,7 @@ from torch import nn
 
 from . import distributed
 from .builder import REGISTRY, build_from_cfg, resolve_type
+from .data import split_train_loader
 from .trainer import BaseTrainer
 from .utils import check_number
 
@@ -84,13 +85,8 @@ class ClassificationTrainer(BaseTrainer):
         return build_from_cfg(cfg, optimizer=self.optimizer)
 
     def build_data_loader(self) -> Iterable:
-        loaders = build_from_cfg(self.data_cfg)
-        if isinstance(loaders, Mapping):
-            if "train" not in loaders:
-                raise KeyError(f"data_cfg built a dict without a 'train' loader (keys: {', '.join(loaders)})")
-            self.eval_loaders = {k: v for k, v in loaders.items() if k != "train"}
-            return loaders["train"]
-        return loaders
+        train, self.eval_loaders = split_train_loader(build_from_cfg(self.data_cfg), "data_cfg")
+        return train
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, labels = batch

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Mapping, Sized
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler, TensorDataset
 from .builder import REGISTRY
 from .utils import check_int
 
-__all__ = ["EpochShuffleSampler", "stateful_loader", "tensor_loader"]
+__all__ = ["EpochShuffleSampler", "split_train_loader", "stateful_loader", "tensor_loader"]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -103,6 +103,17 @@ def tensor_loader(*tensors: torch.Tensor, batch_size: int, shuffle: bool = True,
     if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
         raise TypeError("tensor_loader needs one or more tensors with the same first dimension")
     return stateful_loader(TensorDataset(*tensors), batch_size, shuffle=shuffle, seed=seed, **kwargs)
+
+
+def split_train_loader(loaders: Any, name: str) -> tuple[Any, dict[str, Any]]:
+    """`(train loader, {split: loader})` from either one loader or a dict such as
+    `digits_loaders()` returns (`{"train": ..., "test": ...}`); `name` is the argument the
+    value came from, for the error."""
+    if not isinstance(loaders, Mapping):
+        return loaders, {}
+    if "train" not in loaders:
+        raise KeyError(f"{name} gave a dict without a 'train' loader (keys: {', '.join(map(str, loaders))})")
+    return loaders["train"], {k: v for k, v in loaders.items() if k != "train"}
 
 
 class _WorkerInit:

@@ -32,6 +32,7 @@ from torch import nn
 
 from .. import distributed
 from ..builder import REGISTRY
+from ..data import split_train_loader
 from ..trainer import BaseTrainer, NonFiniteGradientError
 from ..utils import check_choice, check_int, check_number
 from .class_vectors import class_vectors
@@ -216,13 +217,8 @@ class SpelaTrainer(BaseTrainer):
     def build_data_loader(self) -> Iterable:
         """`data_loader` may also be `{"train": loader, <split>: loader, ...}` (what
         `digits_loaders` returns): training uses "train", `evaluate()` the other splits."""
-        loaders = self._given_or_missing("data_loader")
-        if isinstance(loaders, Mapping):
-            if "train" not in loaders:
-                raise KeyError(f"data_loader is a dict without a 'train' loader (keys: {', '.join(loaders)})")
-            self.eval_loaders = {k: v for k, v in loaders.items() if k != "train"}
-            return loaders["train"]
-        return loaders
+        train, self.eval_loaders = split_train_loader(self._given_or_missing("data_loader"), "data_loader")
+        return train
 
     def build_model(self) -> nn.Module:
         if self._user_layers is not None:
