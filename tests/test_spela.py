@@ -193,6 +193,12 @@ def test_bad_settings_are_named(kwargs, error, match):
         SpelaTrainer(mlp(), device="cpu", **kwargs)
 
 
+def test_exit_layer_out_of_range_is_named():
+    run = trainer(steps=1)
+    with pytest.raises(ValueError, match=r"exit_layer must index one of the 3 layers .*got 3"):
+        run.predict(torch.randn(2, 12), exit_layer=3)
+
+
 def test_layers_are_required():
     with pytest.raises(ValueError, match="needs layers"):
         SpelaTrainer(nn.Linear(3, 3), num_classes=3, device="cpu", data_loader=[], max_steps=1).build()

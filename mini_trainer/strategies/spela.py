@@ -159,7 +159,10 @@ class SpelaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, exit_layer: int = -1) -> torch.Tensor:
         """Class similarities at `exit_layer` (an index into the layers; -1: the last)."""
-        exit_layer = range(len(self.layers))[exit_layer]
+        check_int("exit_layer", exit_layer)
+        if not -len(self.layers) <= exit_layer < len(self.layers):
+            raise ValueError(f"exit_layer must index one of the {len(self.layers)} layers (0..{len(self.layers) - 1}, or -1 for the last); got {exit_layer}")
+        exit_layer %= len(self.layers)
         h = x
         for k in range(exit_layer + 1):
             h = self.layer_output(self.layer_input(h, k), k)
