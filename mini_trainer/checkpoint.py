@@ -7,6 +7,9 @@
         ema.safetensors        the EMA weights, when an `EmaHook` is present
         manifest.json          format version, step, epoch, sha256 and size of each file, and
                                the non-tensor state with a reference where each tensor goes
+        sharded/               FSDP2 sharded state (`CheckpointingHook(sharded=True)`): the
+                               model and optimizer as `torch.distributed.checkpoint` wrote
+                               them, one file per rank, hashed in the manifest like the rest
     <root>/latest              one line: the name of the newest complete checkpoint
 
 Crash safety comes from the order of writes: everything goes into a temporary sibling
@@ -59,6 +62,8 @@ __all__ = [
     "find_latest",
     "prune_checkpoints",
     "checkpoint_name",
+    "new_temporary",
+    "SHARDED_DIR",
 ]
 
 logger = logging.getLogger("mini_trainer")
@@ -71,6 +76,7 @@ MODEL_FILE = "model.safetensors"
 DEFAULT_FILE = "optimizer.safetensors"
 #: Where tensors go, by dotted prefix of their path in the state; the rest go to DEFAULT_FILE.
 DEFAULT_FILES = {"model": MODEL_FILE}
+SHARDED_DIR = "sharded"
 
 _STEP_DIR = re.compile(r"^step_(\d+)(\.replaced-[0-9a-f]+)?$")
 _OWN_STORAGE_BELOW = 64 << 10  # bytes: smaller tensors are copied out of the file buffer
@@ -358,11 +364,15 @@ class PreparedCheckpoint:
     """A state split for writing (`prepare_checkpoint`): the JSON skeleton plus the tensors
     of each file. Nothing in it refers back to the live state except the tensors."""
 
-    def __init__(self, skeleton: Any, tensors: dict[str, dict[str, torch.Tensor]], step: int, epoch: Any) -> None:
+    def __init__(
+        self, skeleton: Any, tensors: dict[str, dict[str, torch.Tensor]], step: int, epoch: Any, directories: tuple[str, ...] = ()
+    ) -> None:
         self.skeleton = skeleton
         self.tensors = tensors
         self.step = step
         self.epoch = epoch
+        #: subdirectories that others already wrote into the temporary directory (DCP shards)
+        self.directories = directories
 
 
 def prepare_checkpoint(state: Mapping[str, Any], files: Mapping[str, str] | None = None) -> PreparedCheckpoint:
@@ -400,7 +410,7 @@ class StagingBuffers:
         for device in cuda_devices:
             torch.cuda.synchronize(device)  # the copies must have landed before another thread reads them
         self._buffers = used  # tensors that are gone (e.g. a removed hook) free their buffers
-        return PreparedCheckpoint(prepared.skeleton, staged, prepared.step, prepared.epoch)
+        return PreparedCheckpoint(prepared.skeleton, staged, prepared.step, prepared.epoch, prepared.directories)
 
 
 def save_checkpoint(
@@ -417,13 +427,31 @@ def save_checkpoint(
     return write_checkpoint(prepare_checkpoint(state, files), root, name=name, fsync=fsync)
 
 
-def write_checkpoint(prepared: PreparedCheckpoint, root: str | os.PathLike, *, name: str | None = None, fsync: bool = True) -> Path:
-    """Write a `prepare_checkpoint` result (see `save_checkpoint`)."""
+def new_temporary(root: str | os.PathLike, step: int) -> Path:
+    """A fresh hidden directory in `root` to assemble checkpoint `step` in: ranks write
+    their shards into it before `write_checkpoint(..., temporary=)` completes it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    temporary = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}-{secrets.token_hex(4)}"
+    temporary.mkdir()
+    return temporary
+
+
+def write_checkpoint(
+    prepared: PreparedCheckpoint,
+    root: str | os.PathLike,
+    *,
+    name: str | None = None,
+    fsync: bool = True,
+    temporary: Path | None = None,
+) -> Path:
+    """Write a `prepare_checkpoint` result (see `save_checkpoint`). `temporary` is a
+    directory from `new_temporary` that already holds `prepared.directories`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = name or checkpoint_name(prepared.step)
-    temporary = root / f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
-    temporary.mkdir()
+    if temporary is None:
+        temporary = new_temporary(root, prepared.step)
     try:
         metadata = {"format": "pt"}  # what other safetensors tools look for
         with concurrent.futures.ThreadPoolExecutor(len(prepared.tensors)) as pool:
@@ -432,6 +460,7 @@ def write_checkpoint(prepared: PreparedCheckpoint, root: str | os.PathLike, *, n
                 for file, tensors in prepared.tensors.items()
             }
             written = {file: future.result() for file, future in futures.items()}
+            directories = {d: _hash_tree(temporary / d, pool, fsync) for d in prepared.directories}
         manifest = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -439,6 +468,7 @@ def write_checkpoint(prepared: PreparedCheckpoint, root: str | os.PathLike, *, n
             "epoch": prepared.epoch,
             "created": time.time(),
             "files": {file: {"sha256": digest, "bytes": size} for file, (digest, size) in sorted(written.items())},
+            "directories": directories,
             "state": prepared.skeleton,
         }
         manifest["checksum"] = _manifest_checksum(manifest)  # the manifest is checked too, not just the files
@@ -469,6 +499,27 @@ def write_checkpoint(prepared: PreparedCheckpoint, root: str | os.PathLike, *, n
     if displaced is not None:
         shutil.rmtree(displaced, ignore_errors=True)
     return final
+
+
+def _hash_tree(directory: Path, pool: concurrent.futures.Executor, fsync: bool) -> dict[str, dict[str, Any]]:
+    """`{relative path: {sha256, bytes}}` of every file under `directory` (fsynced first,
+    with the directory, when `fsync`)."""
+    paths = sorted(p for p in directory.rglob("*") if p.is_file())
+    futures = {p.relative_to(directory).as_posix(): pool.submit(_hash_file, p, fsync) for p in paths}
+    if fsync:
+        _fsync_dir(directory)
+    return {rel: {"sha256": f.result()[0], "bytes": f.result()[1]} for rel, f in futures.items()}
+
+
+def _hash_file(path: Path, fsync: bool) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return digest.hexdigest(), size
 
 
 def _manifest_checksum(manifest: Mapping[str, Any]) -> str:
@@ -549,10 +600,29 @@ def _load_directory_unchecked(directory: Path) -> dict[str, Any]:
             raise CheckpointError(f"{directory}: {file} is missing")
         if actual.stat().st_size != info.get("bytes"):
             raise CheckpointError(f"{directory}: {file} has {actual.stat().st_size} bytes, the manifest says {info.get('bytes')} (truncated?)")
+    directories = manifest.get("directories") or {}
     with concurrent.futures.ThreadPoolExecutor(max(len(files), 1)) as pool:
         futures = {file: pool.submit(read_safetensors, directory / file, info.get("sha256") or "") for file, info in files.items()}
         tensors = {file: future.result() for file, future in futures.items()}
+        for sub, listing in directories.items():
+            _verify_tree(directory, sub, listing, pool)
     return join_state(manifest["state"], tensors)
+
+
+def _verify_tree(directory: Path, sub: str, listing: Mapping[str, Any], pool: concurrent.futures.Executor) -> None:
+    """Check the files a manifest lists under `directory/sub` (e.g. DCP shards) by hash."""
+    if "/" in sub or sub.startswith(".") or not (directory / sub).is_dir():
+        raise CheckpointError(f"{directory}: {sub}/ is missing")
+    checks = {}
+    for rel, info in listing.items():
+        path = directory / sub / rel
+        if ".." in Path(rel).parts or rel.startswith("/") or not path.is_file():
+            raise CheckpointError(f"{directory}: {sub}/{rel} is missing")
+        checks[rel] = (info, pool.submit(_hash_file, path, False))
+    for rel, (info, future) in checks.items():
+        digest, size = future.result()
+        if size != info.get("bytes") or digest != info.get("sha256"):
+            raise CheckpointError(f"{directory}: {sub}/{rel} does not match its sha256 in the manifest (damaged or truncated)")
 
 
 def _load_torch_file(path: Path) -> dict[str, Any]:
@@ -642,12 +712,15 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int, keep_interval: in
     return deleted
 
 
-def remove_temporaries(root: str | os.PathLike) -> None:
-    """Remove what killed writers left behind (`.tmp-*`, `.trash-*`, `.latest.tmp-*`)."""
+def remove_temporaries(root: str | os.PathLike, keep: Path | None = None) -> None:
+    """Remove what killed writers left behind (`.tmp-*`, `.trash-*`, `.latest.tmp-*`),
+    except `keep` (the one being assembled now)."""
     root = Path(root)
     if not root.is_dir():
         return
     for entry in root.iterdir():
+        if keep is not None and entry == keep:
+            continue
         if entry.name.startswith((".tmp-", ".trash-", f".{LATEST}.tmp-")):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)

@@ -19,39 +19,87 @@ from collections.abc import Callable, Iterator, Mapping, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler, TensorDataset
+from torch.utils.data import Dataset, DistributedSampler, TensorDataset
 
 from .builder import REGISTRY
+from .distributed import rank_and_world
 from .utils import check_int
 
-__all__ = ["EpochShuffleSampler", "split_train_loader", "stateful_loader", "tensor_loader"]
+__all__ = ["EpochShuffleSampler", "epoch_sampler", "split_train_loader", "stateful_loader", "tensor_loader"]
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Indices `0..len(data_source)-1`, shuffled by `torch.randperm` seeded with `seed + epoch`
-    (in order when `shuffle=False`). Call `set_epoch(epoch)` before iterating; the trainer
-    does it for you."""
+class EpochShuffleSampler(DistributedSampler):
+    """Indices of `data_source` for this rank, shuffled by `torch.randperm` seeded with
+    `seed + epoch` (in order when `shuffle=False`). Call `set_epoch(epoch)` before
+    iterating; the trainer does it for you.
 
-    def __init__(self, data_source: Sized, *, shuffle: bool = True, seed: int = 0) -> None:
+    With `num_replicas` processes it is a `DistributedSampler` and yields exactly what
+    one would: the epoch's permutation padded (or, with `drop_last`, cut) to a multiple of
+    `num_replicas`, and every `num_replicas`-th index from `rank` on. So batch b of every
+    rank together is batch b of a single process with `num_replicas` times the batch size,
+    and a run resumes onto a different number of processes by skipping, in the shared
+    permutation, the samples already trained on (`resume_at`).
+    """
+
+    def __init__(
+        self,
+        data_source: Sized,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ) -> None:
         check_int("seed", seed)
+        check_int("num_replicas", num_replicas, minimum=1)
+        check_int("rank", rank, minimum=0)
+        if rank >= num_replicas:
+            raise ValueError(f"rank must be in 0..num_replicas-1 = 0..{num_replicas - 1}; got {rank}")
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=bool(shuffle), seed=seed, drop_last=drop_last)
         self.data_source = data_source
-        self.shuffle = bool(shuffle)
-        self.seed = seed
-        self.epoch = 0
+        self.start = 0  # samples of the permutation skipped in epoch `start_epoch` (a resume)
+        self.start_epoch: int | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def resume_at(self, epoch: int, samples: int) -> None:
+        """Start epoch `epoch` after its first `samples` indices (over all ranks), e.g. to
+        continue on 1 process an epoch that 2 processes had half done."""
+        check_int("epoch", epoch, minimum=0)
+        check_int("samples", samples, minimum=0)
+        self.start_epoch, self.start = epoch, samples
+
+    def skipped(self) -> int:
+        """Samples skipped at the start of the current epoch (see `resume_at`)."""
+        return self.start if self.start_epoch == self.epoch else 0
+
+    def _sizes(self) -> tuple[int, int]:
+        """(samples per rank, samples over all ranks) of the current epoch."""
+        n = max(len(self.data_source) - self.skipped(), 0)
+        if self.drop_last:
+            per_rank = n // self.num_replicas
+        else:
+            per_rank = -(-n // self.num_replicas)
+        return per_rank, per_rank * self.num_replicas
 
     def __len__(self) -> int:
-        return len(self.data_source)
+        return self._sizes()[0]
 
     def __iter__(self) -> Iterator[int]:
         n = len(self.data_source)
-        if not self.shuffle:
-            return iter(range(n))
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(n, generator=generator).tolist())
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            indices = torch.randperm(n, generator=generator).tolist()
+        else:
+            indices = list(range(n))
+        indices = indices[self.skipped() :]
+        _, total = self._sizes()
+        if len(indices) < total:  # pad by repeating from the start, as DistributedSampler does
+            indices += (indices * -(-total // max(len(indices), 1)))[: total - len(indices)]
+        indices = indices[:total]
+        if self.num_replicas == 1:
+            return iter(indices)
+        return iter(indices[self.rank : total : self.num_replicas])
 
 
 @REGISTRY.register()
@@ -65,10 +113,15 @@ def stateful_loader(
     num_workers: int = 0,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     pin_memory: bool = False,
+    num_replicas: int | None = None,
+    rank: int | None = None,
     **kwargs: Any,
 ) -> Any:
     """A `torchdata.stateful_dataloader.StatefulDataLoader` over `dataset` whose position and
-    future epoch order survive a checkpoint. Its workers ignore SIGTERM/SIGINT, so that a
+    future epoch order survive a checkpoint. In a distributed run (torchrun), each rank
+    reads its own share of every epoch (an `EpochShuffleSampler`, i.e. a
+    `DistributedSampler`; `num_replicas`/`rank` default to the process group's or
+    torchrun's), and `batch_size` is per rank. Its workers ignore SIGTERM/SIGINT, so that a
     signal sent to the whole process group reaches the trainer's checkpointing instead of
     killing them. Extra keywords go to `StatefulDataLoader` (e.g. `persistent_workers`,
     `prefetch_factor`, `worker_init_fn`)."""
@@ -85,10 +138,13 @@ def stateful_loader(
     for forbidden in ("sampler", "batch_sampler", "generator"):
         if forbidden in kwargs:
             raise TypeError(f"stateful_loader chooses the sampler itself; remove {forbidden}= (use shuffle= and seed=)")
+    env_rank, env_world = rank_and_world()
+    num_replicas = env_world if num_replicas is None else num_replicas
+    rank = (env_rank if num_replicas == env_world else 0) if rank is None else rank
     return StatefulDataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochShuffleSampler(dataset, shuffle=shuffle, seed=seed),
+        sampler=EpochShuffleSampler(dataset, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank),
         drop_last=drop_last,
         num_workers=num_workers,
         collate_fn=collate_fn,
@@ -103,6 +159,15 @@ def tensor_loader(*tensors: torch.Tensor, batch_size: int, shuffle: bool = True,
     if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
         raise TypeError("tensor_loader needs one or more tensors with the same first dimension")
     return stateful_loader(TensorDataset(*tensors), batch_size, shuffle=shuffle, seed=seed, **kwargs)
+
+
+def epoch_sampler(loader: Any) -> EpochShuffleSampler | None:
+    """The `EpochShuffleSampler` that orders `loader`'s epochs, if it has one."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for candidate in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        if isinstance(candidate, EpochShuffleSampler):
+            return candidate
+    return None
 
 
 def split_train_loader(loaders: Any, name: str) -> tuple[Any, dict[str, Any]]:

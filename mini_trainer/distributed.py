@@ -1,5 +1,6 @@
-"""torch.distributed helpers: who am I, reductions that every backend supports, and
-skipping gradient all-reduce on accumulation micro-steps.
+"""torch.distributed helpers: joining the process group torchrun describes, wrapping the
+model (DDP or FSDP2), who am I, reductions that every backend supports, agreement between
+ranks, and skipping gradient all-reduce on accumulation micro-steps.
 
 Everything here degrades to the single-process answer when no process group is
 initialised, so the trainer calls it unconditionally.
@@ -7,14 +8,30 @@ initialised, so the trainer calls it unconditionally.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-from collections.abc import Iterator
+import datetime
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = [
+    "PARALLELISM",
+    "launched_world",
+    "rank_and_world",
+    "init_from_env",
+    "resolve_parallelism",
+    "is_wrapped",
+    "is_fsdp2",
+    "wrap_model",
+    "default_fsdp_units",
+    "broadcast_object",
+    "gather_objects",
     "is_distributed",
     "get_rank",
     "get_world_size",
@@ -28,6 +45,155 @@ __all__ = [
     "gradient_sync",
     "all_reduce_gradients",
 ]
+
+
+logger = logging.getLogger("mini_trainer")
+
+#: What `BaseTrainer(parallelism=...)` accepts.
+PARALLELISM = (None, "auto", "ddp", "fsdp")
+
+
+# ---------------------------------------------------------------------------- joining
+
+
+def launched_world() -> int:
+    """The number of processes this run has: the process group's size once initialised,
+    otherwise what a launcher (torchrun, SLURM via torchrun) put in WORLD_SIZE, else 1."""
+    if is_distributed():
+        return dist.get_world_size()
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size), also before the process group exists (from torchrun's
+    environment), so that data loaders built first already shard for their rank."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    try:
+        return int(os.environ.get("RANK", "0")), launched_world()
+    except ValueError:
+        return 0, 1
+
+
+def init_from_env(device: torch.device, timeout: float | None = None) -> bool:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
+    environment): NCCL for CUDA devices, gloo otherwise. Does nothing and returns False when
+    a group already exists or no launcher set WORLD_SIZE. The group is destroyed at exit."""
+    if is_distributed() or "WORLD_SIZE" not in os.environ or not dist.is_available():
+        return False
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} is not: start the "
+            "processes with torchrun (it sets all of them), or initialise the process group yourself"
+        )
+    kwargs: dict[str, Any] = {}
+    if timeout is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, **kwargs)
+    else:
+        dist.init_process_group("gloo", **kwargs)
+    atexit.register(_destroy_at_exit)
+    return True
+
+
+def _destroy_at_exit() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def resolve_parallelism(parallelism: str | None, model: nn.Module) -> str | None:
+    """What to wrap the model in: None, "ddp" or "fsdp". "auto" is DDP when there is more
+    than one process and nothing otherwise; a model that is already wrapped stays as it is."""
+    if parallelism not in PARALLELISM:
+        raise ValueError(f"parallelism must be one of {', '.join(map(repr, PARALLELISM))}; got {parallelism!r}")
+    if parallelism is None or is_wrapped(model):
+        return None
+    if parallelism == "auto":
+        return "ddp" if get_world_size() > 1 else None
+    if not is_distributed():
+        # `python train.py` with parallelism="ddp"/"fsdp": one process, nothing to shard
+        # or synchronise; the same config then runs unchanged under torchrun.
+        return None
+    return parallelism
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    """Whether `model` already synchronises gradients itself (DDP, FSDP1, FSDP2)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = getattr(model, "_orig_mod", model)  # through torch.compile
+    return isinstance(inner, DistributedDataParallel) or type(inner).__name__ == "FullyShardedDataParallel" or is_fsdp2(inner)
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether `fully_shard` was applied to `model` or one of its submodules."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    inner = getattr(model, "_orig_mod", model)
+    return any(isinstance(m, FSDPModule) for m in inner.modules())
+
+
+def default_fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules that get their own `fully_shard` by default: the items of the
+    outermost `nn.ModuleList`/`nn.Sequential` that hold parameters (a transformer's blocks,
+    an MLP's layers), so that parameters are gathered one unit at a time and freed after
+    it. A model without such a container is sharded as one unit (the root)."""
+    containers = [model] if isinstance(model, (nn.ModuleList, nn.Sequential)) else []
+    if not containers:
+        queue = list(model.children())
+        while queue and not containers:
+            containers = [m for m in queue if isinstance(m, (nn.ModuleList, nn.Sequential))]
+            if not containers:
+                queue = [child for m in queue for child in m.children()]
+    return [item for container in containers for item in container if any(True for _ in item.parameters())]
+
+
+def wrap_model(
+    model: nn.Module,
+    parallelism: str,
+    device: torch.device,
+    *,
+    fsdp_units: Callable[[nn.Module], bool] | tuple[type, ...] | None = None,
+    parallel_kwargs: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """`DistributedDataParallel(model)` or FSDP2: `fully_shard` on each unit (see
+    `default_fsdp_units`; or the modules for which `fsdp_units(module)` is true, or that
+    are instances of the classes in `fsdp_units`), then on the root. `parallel_kwargs` go
+    to `DistributedDataParallel(...)` or to every `fully_shard(...)` call."""
+    kwargs = dict(parallel_kwargs or {})
+    if parallelism == "ddp":
+        if device.type == "cuda":
+            kwargs.setdefault("device_ids", [device.index])
+        return nn.parallel.DistributedDataParallel(model, **kwargs)
+    if parallelism != "fsdp":
+        raise ValueError(f"parallelism must be 'ddp' or 'fsdp' to wrap a model; got {parallelism!r}")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs.setdefault("mesh", init_device_mesh(device.type, (get_world_size(),)))
+    if fsdp_units is None:
+        units = default_fsdp_units(model)
+    elif isinstance(fsdp_units, tuple):
+        units = [m for m in model.modules() if m is not model and isinstance(m, fsdp_units)]
+    else:
+        units = [m for m in model.modules() if m is not model and fsdp_units(m)]
+    # Innermost first: fully_shard on a parent must see its children already sharded, so
+    # that their parameters stay theirs.
+    for unit in reversed(units):
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+# ---------------------------------------------------------------------------- who am I
 
 
 def is_distributed() -> bool:
@@ -86,12 +252,33 @@ def barrier(timeout: float | None = None) -> bool:
     if timeout is None:
         work.wait()
         return True
-    import datetime
-
     try:
         return bool(work.wait(timeout=datetime.timedelta(seconds=timeout)))
     except RuntimeError:  # gloo raises on timeout
         return False
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """`value` as rank `src` has it, on every rank (pickled: only for our own small
+    decisions, such as which checkpoint to load)."""
+    if not is_distributed() or get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src, device=_object_device())
+    return box[0]
+
+
+def gather_objects(value: Any) -> list[Any] | None:
+    """Every rank's `value`, in rank order, on rank 0 (None elsewhere)."""
+    if not is_distributed() or get_world_size() == 1:
+        return [value]
+    gathered: list[Any] | None = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def _object_device() -> torch.device | None:
+    return collective_device() if dist.get_backend() == "nccl" else None
 
 
 def union_of_names(names: list[str]) -> list[str]:

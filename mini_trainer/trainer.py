@@ -35,6 +35,7 @@ from torch import nn
 from . import distributed
 from .hooks.base import HOOK_EVENTS, BaseHook, hook_priority, overridden_events
 from .hooks.metrics import RESERVED_NAMES, StepMetrics
+from .data import epoch_sampler
 from .precision import autocast_factory, default_grad_scaler, resolve_precision
 from .utils import MetricMeans, check_int, check_number, flatten_dict, map_nested_tensor, unflatten_dict, unwrap
 
@@ -71,10 +72,26 @@ class BaseTrainer:
             by 1/N so gradients equal one N-times bigger batch.
         workspace: directory for metrics.jsonl, checkpoints and other run files.
         device: "auto" (cuda > mps > cpu), a device string, a `torch.device` or a CUDA index.
+        parallelism: how to use several processes (torchrun). "auto" (default): DDP when
+            there is more than one process, nothing in a single one. "ddp": wrap the model
+            in `DistributedDataParallel`. "fsdp": FSDP2, `fully_shard` on each unit (see
+            `fsdp_units`) and on the root; the optimizer must be built by the trainer
+            (after sharding), not passed ready. None: never wrap (you manage the model).
+            For all but None, a process group is joined from torchrun's environment when
+            none exists (NCCL on CUDA, gloo on CPU); a model that is already wrapped (DDP,
+            FSDP) is left alone.
+        fsdp_units: which submodules get their own `fully_shard`: a tuple of module classes,
+            a predicate `fn(module) -> bool`, or None for the items of the outermost
+            ModuleList/Sequential (transformer blocks, MLP layers).
+        parallel_kwargs: extra keywords for `DistributedDataParallel(...)` (e.g.
+            `find_unused_parameters`) or for each `fully_shard(...)` (e.g. `mp_policy`,
+            `reshard_after_forward`).
         no_sync_accumulate: skip the gradient all-reduce on non-final micro-steps (DDP and
             FSDP1 `no_sync()`, FSDP2 `set_requires_gradient_sync(False)`).
         state_dict_options: `torch.distributed.checkpoint.state_dict.StateDictOptions` used
-            for the model/optimizer state (FSDP full or sharded state dicts).
+            for the model/optimizer state. Default: plain state dicts, and for FSDP2 full
+            (unsharded, gathered on CPU) state dicts, so that a checkpoint loads onto any
+            number of processes.
         logger: a `logging.Logger` (default: the "mini_trainer" logger).
         seed: seeds python, numpy and torch before anything is built (None: don't seed).
         compile: wrap the model with `torch.compile` (True, or a dict of compile kwargs).
@@ -101,6 +118,9 @@ class BaseTrainer:
         gradient_accumulation_steps: int = 1,
         workspace: str | Path | None = None,
         device: str | torch.device | int = "auto",
+        parallelism: str | None = "auto",
+        fsdp_units: tuple[type, ...] | Callable[[nn.Module], bool] | None = None,
+        parallel_kwargs: Mapping[str, Any] | None = None,
         no_sync_accumulate: bool = True,
         state_dict_options: Any = None,
         logger: logging.Logger | None = None,
@@ -131,6 +151,14 @@ class BaseTrainer:
             raise TypeError(f"forward_fn must be callable as forward_fn(model, batch); got {forward_fn!r}")
         if hooks is not None and not isinstance(hooks, (list, tuple)):
             raise TypeError(f"hooks must be a list of BaseHook instances; got {type(hooks).__name__}")
+        if parallelism not in distributed.PARALLELISM:
+            raise ValueError(f"parallelism must be one of {', '.join(map(repr, distributed.PARALLELISM))}; got {parallelism!r}")
+        if fsdp_units is not None and not callable(fsdp_units) and not (
+            isinstance(fsdp_units, tuple) and all(isinstance(t, type) for t in fsdp_units)
+        ):
+            raise TypeError(f"fsdp_units must be a tuple of module classes, a function module -> bool, or None; got {fsdp_units!r}")
+        if parallel_kwargs is not None and not isinstance(parallel_kwargs, Mapping):
+            raise TypeError(f"parallel_kwargs must be a dict of keywords; got {type(parallel_kwargs).__name__}")
         if state_dict_options is not None:
             from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -145,6 +173,10 @@ class BaseTrainer:
         self.max_non_finite_grad_retries = max_non_finite_grad_retries
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.workspace = Path(workspace) if workspace is not None else None
+        self.parallelism = parallelism
+        self.fsdp_units = fsdp_units
+        self.parallel_kwargs = dict(parallel_kwargs or {})
+        self.parallel: str | None = None  # what the model was wrapped in here: None, "ddp" or "fsdp"
         self.no_sync_accumulate = bool(no_sync_accumulate)
         self.state_dict_options = state_dict_options
         self.logger = logger or logging.getLogger("mini_trainer")
@@ -180,6 +212,8 @@ class BaseTrainer:
         self._restoring_hooks = 0  # on_before_train hooks with a negative priority (they restore state)
         self._param_key: tuple[int, int] | None = None
         self._params: list[torch.Tensor] = []
+        self._world = 1
+        self._grads_agree = True  # every rank sees the same gradients (one process, or a wrapper syncs them)
 
     # ======================================================================= build
 
@@ -203,6 +237,12 @@ class BaseTrainer:
         """A GradScaler; by default one for fp16 (also on CPU) and None otherwise."""
         if self._given["grad_scaler"] is not None:
             return self._given["grad_scaler"]
+        if self.parallel == "fsdp" and self.autocast_dtype == torch.float16:
+            # Each rank holds a shard of the gradients: overflow found on one shard must
+            # skip the step on every rank, which ShardedGradScaler all-reduces.
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(self.device.type)
         return default_grad_scaler(self.device, self.autocast_dtype)
 
     def build_hooks(self) -> list[BaseHook]:
@@ -220,15 +260,21 @@ class BaseTrainer:
 
     def build(self) -> None:
         """Build everything once (`train()`, `fit()` and the state methods call it; call it
-        yourself to inspect the model before training). Order: seed -> model -> optimizer
-        -> data -> scheduler -> scaler -> hooks; seeding first makes the initial weights
-        and the data order reproducible, and a scheduler may size itself from the data
+        yourself to inspect the model before training). Order: process group -> seed ->
+        model (moved, then wrapped for DDP/FSDP) -> optimizer -> data -> scheduler ->
+        scaler -> hooks. Seeding first makes the initial weights and the data order
+        reproducible (the same seed on every rank: FSDP2 shards a model that must start
+        identical everywhere); the optimizer comes after wrapping because FSDP2 replaces
+        the parameters with sharded ones; a scheduler may size itself from the data
         (`estimated_total_steps()`). Hooks are fixed from here on."""
         self._build()
 
     def _build(self) -> None:
         if self._built:
             return
+        if self.parallelism is not None:
+            distributed.init_from_env(self.device)
+        self._world = distributed.get_world_size()
         if self.seed is not None:
             seed_everything(self.seed)
         if self.workspace is not None and distributed.is_main_process():
@@ -237,7 +283,8 @@ class BaseTrainer:
         model = self.build_model()
         if not isinstance(model, nn.Module):
             raise TypeError(f"build_model() must return an nn.Module; got {type(model).__name__}")
-        self.model = model.to(self.device)
+        self.model = self._wrap_for_parallelism(model.to(self.device))
+        self._grads_agree = self._world == 1 or distributed.is_wrapped(self.model)
         self.optimizer = self.build_optimizer()
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"build_optimizer() must return a torch.optim.Optimizer; got {type(self.optimizer).__name__}")
@@ -258,6 +305,20 @@ class BaseTrainer:
         self._scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
         self._move_batch = self.device.type != "cpu"
         self._built = True
+
+    def _wrap_for_parallelism(self, model: nn.Module) -> nn.Module:
+        self.parallel = distributed.resolve_parallelism(self.parallelism, model)
+        if self.parallel is None:
+            return model
+        if self.parallel == "fsdp" and self._given["optimizer"] is not None:
+            raise TypeError(
+                "parallelism='fsdp' replaces the model's parameters with sharded ones, so a ready "
+                "optimizer= would update the old ones: override build_optimizer() (or use "
+                "optimizer_cfg in a config) so that the trainer builds it after sharding"
+            )
+        return distributed.wrap_model(
+            model, self.parallel, self.device, fsdp_units=self.fsdp_units, parallel_kwargs=self.parallel_kwargs
+        )
 
     def _prepare_hooks(self, hooks: Sequence[BaseHook]) -> list[BaseHook]:
         for i, hook in enumerate(hooks):
@@ -359,6 +420,10 @@ class BaseTrainer:
         self.step += 1
         info["step_time"] = time.perf_counter() - started
         self._call_hooks("on_after_step")
+        if self._world > 1:
+            # A hook may ask one rank to stop (early stopping on its metric, a time limit):
+            # a rank that stopped alone would leave the others waiting in the next all-reduce.
+            self.should_stop = bool(distributed.agree_max(int(self.should_stop)))
 
     def _accumulate_gradients(self, info: dict[str, Any]) -> bool:
         """Run the micro-steps of one optimizer step; False when no batch was left."""
@@ -442,7 +507,12 @@ class BaseTrainer:
         if scaler is None and self.max_non_finite_grad_retries is not None:
             # The one host read of a step: the norm is a single fused reduction over all
             # gradients, and it is NaN/inf exactly when some gradient is.
-            if not math.isfinite(grad_norm):
+            finite = math.isfinite(grad_norm)
+            if not self._grads_agree:
+                # Ranks whose gradients no wrapper synchronised can disagree; all must retry
+                # together, or one would wait forever in the others' next all-reduce.
+                finite = not distributed.agree_max(int(not finite))
+            if not finite:
                 self.optimizer.zero_grad(set_to_none=True)
                 return False
         self.step_info["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -461,13 +531,17 @@ class BaseTrainer:
         """Global gradient norm (after unscaling), clipping in place when `grad_clip` is set.
         Skipped entirely when neither clipping nor the finite check needs it."""
         if self.grad_clip is not None:
-            return torch.nn.utils.clip_grad_norm_(self._optimized_params(), self.grad_clip, foreach=True)
-        if self.max_non_finite_grad_retries is None or self._scaler is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self._optimized_params(), self.grad_clip, foreach=True)
+        elif self.max_non_finite_grad_retries is None or self._scaler is not None:
             return None  # nobody needs it: fp16 overflow is the scaler's business
-        grads = [p.grad for p in self._optimized_params() if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self.device)
-        return torch.nn.utils.get_total_norm(grads, foreach=True)
+        else:
+            grads = [p.grad for p in self._optimized_params() if p.grad is not None]
+            if not grads:
+                return torch.zeros((), device=self.device)
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        # FSDP2 gradients are sharded DTensors: their norm is already the global one (all
+        # ranks' shards reduced), replicated; hooks get it as a plain tensor.
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def _optimized_params(self) -> list[torch.Tensor]:
         """The parameters the optimizer updates (re-read when param groups change, e.g.
@@ -656,47 +730,97 @@ class BaseTrainer:
 
     # ======================================================================= state
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, sharded: bool = False) -> dict[str, Any]:
         """Everything needed to continue this run exactly: model, optimizer, scheduler,
         scaler, counters, data-loader position (when the loader has `state_dict()`), RNG
-        states and each hook's state under `"hooks"`."""
+        states and each hook's state under `"hooks"`.
+
+        Every rank must call it in a distributed run (gathering is collective). Rank 0's
+        result holds what a checkpoint needs: the full model and optimizer state (FSDP2
+        shards gathered; with `sharded=True` each rank keeps its own DTensor shards, for
+        `torch.distributed.checkpoint`), and each rank's RNG and data-loader state under
+        `"ranks"`, so that every rank resumes its own stream.
+        """
         self._build()
-        model_state, optim_state = self._model_and_optimizer_state()
+        model_state, optim_state = self._model_and_optimizer_state(sharded)
+        local = {
+            "rng": rng_state(),
+            "data_loader": self.data_loader.state_dict() if callable(getattr(self.data_loader, "state_dict", None)) else None,
+        }
         state: dict[str, Any] = {
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self._world,
+            "data_position": self._data_position(),
             "model": model_state,
             "optimizer": optim_state,
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "data_loader": self.data_loader.state_dict() if callable(getattr(self.data_loader, "state_dict", None)) else None,
-            "rng": rng_state(),
+            **local,
             "hooks": {},
         }
+        if self._world > 1:
+            state["ranks"] = distributed.gather_objects(local)
         self._call_hooks("on_state_dict", state)
         return state
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore what `state_dict()` returned; training continues from `state_dict["step"]`."""
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, sharded: bool = False) -> None:
+        """Restore what `state_dict()` returned; training continues from `state_dict["step"]`.
+
+        Onto as many processes as saved it, each rank takes back its own RNG and loader
+        state. Onto a different number (2 -> 1, 1 -> 2: the global batch is yours to
+        keep, e.g. double the per-rank batch size when halving the processes), an
+        `EpochShuffleSampler` loader continues the epoch after the samples all ranks had
+        trained on; other loaders restart the epoch's position by batch count (with a
+        warning). `sharded=True` takes model/optimizer DTensor shards (`state_dict(sharded=True)`).
+        """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"load_state_dict expects a dict from state_dict(); got {type(state_dict).__name__}")
         missing = [k for k in ("step", "model", "optimizer") if k not in state_dict]
         if missing:
             raise KeyError(f"load_state_dict: the state has no {', '.join(map(repr, missing))} (keys: {', '.join(state_dict)})")
         self._build()
-        self._load_model_and_optimizer_state(state_dict["model"], state_dict["optimizer"])
+        self._load_model_and_optimizer_state(state_dict["model"], state_dict["optimizer"], sharded)
         if self.lr_scheduler is not None and state_dict.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
         if self.grad_scaler is not None and state_dict.get("grad_scaler") is not None:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
-        loader_resumes = state_dict.get("data_loader") is not None and callable(getattr(self.data_loader, "load_state_dict", None))
-        if loader_resumes:
-            self.data_loader.load_state_dict(state_dict["data_loader"])
         self.step = int(state_dict["step"])
         self.epoch = int(state_dict.get("epoch", 0))
         self.batch_in_epoch = int(state_dict.get("batch_in_epoch", 0))
         self._data_iter = None
+
+        saved_world = int(state_dict.get("world_size", 1))
+        rank = distributed.get_rank()
+        ranks = state_dict.get("ranks") or [state_dict]
+        # This rank's own streams when it existed in the saved run; otherwise rank 0's.
+        local = ranks[rank] if rank < len(ranks) else ranks[0]
+        if saved_world == self._world:
+            self._restore_data_position(state_dict.get("data_position"), local.get("data_loader"))
+        else:
+            self._move_data_position(state_dict.get("data_position"), saved_world)
+        if local.get("rng") is not None:
+            set_rng_state(local["rng"])
+        self._call_hooks("on_load_state_dict", state_dict)
+
+    def _data_position(self) -> dict[str, int] | None:
+        """Where this epoch stands over all ranks, in samples of the shared permutation
+        (only for loaders ordered by an `EpochShuffleSampler` with a fixed batch size)."""
+        sampler = epoch_sampler(self.data_loader)
+        batch_size = getattr(self.data_loader, "batch_size", None)
+        if sampler is None or not batch_size:
+            return None
+        start = sampler.start if sampler.start_epoch == self.epoch else 0
+        return {"epoch_start": start, "samples": start + self.batch_in_epoch * batch_size * self._world}
+
+    def _restore_data_position(self, position: Mapping[str, int] | None, loader_state: Any) -> None:
+        sampler = epoch_sampler(self.data_loader)
+        if sampler is not None and position is not None and position.get("epoch_start"):
+            sampler.resume_at(self.epoch, int(position["epoch_start"]))  # an epoch continued from another world size
+        loader_resumes = loader_state is not None and callable(getattr(self.data_loader, "load_state_dict", None))
+        if loader_resumes:
+            self.data_loader.load_state_dict(loader_state)
         # A loader that cannot restore its position is fast-forwarded to it instead.
         self._skip_batches = 0 if loader_resumes else self.batch_in_epoch
         if self._skip_batches and type(getattr(self.data_loader, "sampler", None)) is torch.utils.data.RandomSampler:
@@ -706,31 +830,74 @@ class BaseTrainer:
                 "mini_trainer.data.stateful_loader for an exact resume)", self.epoch,
             )
         self._loader_restored = loader_resumes
-        if state_dict.get("rng") is not None:
-            set_rng_state(state_dict["rng"])
-        self._call_hooks("on_load_state_dict", state_dict)
 
-    def _model_and_optimizer_state(self) -> tuple[dict, dict]:
-        if self.state_dict_options is not None:
+    def _move_data_position(self, position: Mapping[str, int] | None, saved_world: int) -> None:
+        """Resume onto a different number of processes: the saved per-rank loader states
+        do not apply; the epoch continues after the samples the saved run consumed."""
+        sampler = epoch_sampler(self.data_loader)
+        self._loader_restored = False
+        if sampler is not None and position is not None:
+            sampler.resume_at(self.epoch, int(position["samples"]))
+            self.batch_in_epoch = 0  # counted from the new start of this epoch
+            self._skip_batches = 0
+            return
+        self._skip_batches = self.batch_in_epoch
+        if self.batch_in_epoch:
+            self.logger.warning(
+                "resuming on %d process(es) a run saved on %d mid-epoch, with a loader that is not ordered by "
+                "mini_trainer.data.EpochShuffleSampler: the position in epoch %d is kept as a batch count "
+                "(%d batches skipped), so samples may repeat or be missed until the epoch ends",
+                self._world, saved_world, self.epoch, self.batch_in_epoch,
+            )
+
+    def _state_dict_options(self, sharded: bool) -> Any:
+        """The `StateDictOptions` to go through DCP's get/set_state_dict with, or None for
+        the modules' own state dicts."""
+        if self.state_dict_options is not None and not sharded:
+            return self.state_dict_options
+        if not (sharded or distributed.is_fsdp2(self.model)):
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        if sharded:
+            return StateDictOptions(full_state_dict=False)
+        # Gathered on CPU (rank 0 keeps it, the others get empty dicts): one portable file
+        # that loads onto any number of processes, with or without FSDP.
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def _model_and_optimizer_state(self, sharded: bool = False) -> tuple[dict, dict]:
+        options = self._state_dict_options(sharded)
+        if options is not None:
             from torch.distributed.checkpoint.state_dict import get_state_dict
 
-            return get_state_dict(self.model, self.optimizer, options=self.state_dict_options)
+            return get_state_dict(self.model, self.optimizer, options=options)
         return self.unwrapped_model.state_dict(), self.optimizer.state_dict()
 
-    def _load_model_and_optimizer_state(self, model_state: Mapping, optim_state: Mapping) -> None:
-        if self.state_dict_options is not None:
-            from torch.distributed.checkpoint.state_dict import set_state_dict
+    def _load_model_and_optimizer_state(self, model_state: Mapping, optim_state: Mapping, sharded: bool = False) -> None:
+        options = self._state_dict_options(sharded)
+        names = self._optimized_param_names()
+        if options is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+            if options.full_state_dict:
+                # Every rank read the whole checkpoint: each takes its shard, no broadcast.
+                options = StateDictOptions(**{**vars(options), "cpu_offload": False, "broadcast_from_rank0": False})
             set_state_dict(
                 self.model,
                 self.optimizer,
                 model_state_dict=model_state,
-                optim_state_dict=optim_state,
-                options=self.state_dict_options,
+                optim_state_dict=optimizer_state_by_name(optim_state, names),
+                options=options,
             )
             return
         self.unwrapped_model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(optim_state)
+        self.optimizer.load_state_dict(optimizer_state_by_index(optim_state, names))
+
+    def _optimized_param_names(self) -> list[str]:
+        """The model's name for each parameter, in the optimizer's order (how the two
+        optimizer state layouts, by index and by name, translate into each other)."""
+        names = {id(p): n for n, p in self.unwrapped_model.named_parameters()}
+        return [names.get(id(p), "") for group in self.optimizer.param_groups for p in group["params"]]
 
     # ======================================================================= models
 
@@ -857,6 +1024,41 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         np.random.set_state((name, keys.astype(np.uint32), int(position), int(has_gauss), float(cached_gaussian)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.clone() for s in state["cuda"]])
+
+
+def optimizer_state_by_name(state: Mapping[str, Any], names: Sequence[str]) -> Mapping[str, Any]:
+    """An optimizer state dict keyed by parameter index (`optimizer.state_dict()`) turned
+    into one keyed by parameter name (what DCP's `get_state_dict` gives and
+    `set_state_dict` takes); a by-name one is returned as it is. `names[i]` is the name of
+    the i-th parameter in the optimizer's order."""
+    groups = state.get("param_groups") or []
+    if all(isinstance(i, str) for group in groups for i in group.get("params", [])):
+        return state
+    def name(index: int) -> str:
+        if not 0 <= index < len(names) or not names[index]:
+            raise KeyError(f"the optimizer state refers to parameter #{index}, but the optimizer has {len(names)} named parameters")
+        return names[index]
+    return {
+        "state": {name(int(i)): value for i, value in state.get("state", {}).items()},
+        "param_groups": [{**group, "params": [name(int(i)) for i in group["params"]]} for group in groups],
+    }
+
+
+def optimizer_state_by_index(state: Mapping[str, Any], names: Sequence[str]) -> Mapping[str, Any]:
+    """The inverse of `optimizer_state_by_name`: a by-name optimizer state dict (e.g. from
+    an FSDP run) made loadable with `optimizer.load_state_dict`."""
+    groups = state.get("param_groups") or []
+    if not any(isinstance(i, str) for group in groups for i in group.get("params", [])):
+        return state
+    index = {n: i for i, n in enumerate(names)}
+    def position(name: str) -> int:
+        if name not in index:
+            raise KeyError(f"the optimizer state names parameter {name!r}, which this model's optimizer does not have")
+        return index[name]
+    return {
+        "state": {position(n): value for n, value in state.get("state", {}).items()},
+        "param_groups": [{**group, "params": [position(n) for n in group["params"]]} for group in groups],
+    }
 
 
 def _as_tuple(value: Any) -> Any:

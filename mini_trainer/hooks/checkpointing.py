@@ -63,6 +63,12 @@ class CheckpointingHook(BaseHook):
         save_at_end: also save when training ends normally.
         fsync: flush files to the disk before a checkpoint counts as written (switch off
             only for throwaway runs on slow network disks).
+        sharded: save FSDP2 model and optimizer state as each rank's shards through
+            `torch.distributed.checkpoint` (a `sharded/` directory inside the checkpoint,
+            hashed in the manifest; the rest of the state as usual). No rank ever holds the
+            whole model, and DCP reshards on load, so it also resumes onto another number
+            of processes. False (default): rank 0 writes the full state as safetensors
+            (for FSDP2, gathered on CPU): any safetensors reader opens it.
         async_save: copy the state into reused CPU buffers (pinned for CUDA tensors) and
             write, hash and fsync it in a background thread while training goes on. The
             step waits only for the copy; the cost is host memory for one more copy of the
@@ -87,6 +93,7 @@ class CheckpointingHook(BaseHook):
         save_at_end: bool = True,
         fsync: bool = True,
         async_save: bool = False,
+        sharded: bool = False,
     ) -> None:
         check_int("CheckpointingHook.interval", interval, minimum=1, allow_none=True)
         check_int("CheckpointingHook.keep_previous", keep_previous, minimum=1)
@@ -105,9 +112,11 @@ class CheckpointingHook(BaseHook):
             check_int("CheckpointingHook.exit_code", exit_code, minimum=0)
             if exit_code > 255:
                 raise ValueError(f"CheckpointingHook.exit_code must be '128+signal' or an integer in 0..255; got {exit_code!r}")
-        for flag, value in (("save_at_end", save_at_end), ("fsync", fsync), ("async_save", async_save)):
+        for flag, value in (("save_at_end", save_at_end), ("fsync", fsync), ("async_save", async_save), ("sharded", sharded)):
             if not isinstance(value, bool):
                 raise TypeError(f"CheckpointingHook.{flag} must be True or False; got {type(value).__name__} {value!r}")
+        if async_save and sharded:
+            raise ValueError("CheckpointingHook: async_save=True with sharded=True is not supported; choose one")
         check_number("CheckpointingHook.exit_wait", exit_wait, allow_none=False)
         if exit_wait < 0:
             raise ValueError(f"CheckpointingHook.exit_wait must be >= 0 seconds; got {exit_wait!r}")
@@ -123,6 +132,7 @@ class CheckpointingHook(BaseHook):
         self.save_at_end = bool(save_at_end)
         self.fsync = bool(fsync)
         self.async_save = bool(async_save)
+        self.sharded = bool(sharded)
 
         self.directory: Path | None = None  # `path` resolved against the workspace
         self.last_saved: Path | None = None
@@ -179,11 +189,16 @@ class CheckpointingHook(BaseHook):
 
     def save(self, trainer: BaseTrainer) -> Path | None:
         """Write a checkpoint of the trainer's current state now (every rank must call it;
-        the main process writes). Returns its directory on the main process, or None when
-        `async_save` is writing it in the background (`wait()` returns it then)."""
+        the main process writes, and with `sharded` every rank writes its shard). Returns
+        its directory on the main process, or None when `async_save` is writing it in the
+        background (`wait()` returns it then)."""
         directory = self.directory or self._resolve(trainer)
         self.wait()  # one save in flight at most: its buffers are reused, and saves land in order
         started = time.perf_counter()
+        if self.sharded:
+            written = self._save_sharded(trainer, directory, started)
+            self._last_saved_step = trainer.step
+            return written
         state = trainer.state_dict()
         written = None
         if distributed.is_main_process():
@@ -200,17 +215,37 @@ class CheckpointingHook(BaseHook):
         self._last_saved_step = trainer.step
         return written
 
+    def _save_sharded(self, trainer: BaseTrainer, directory: Path, started: float) -> Path | None:
+        """Every rank writes its model/optimizer shards with DCP into one temporary
+        directory; then rank 0 adds the rest, hashes everything and renames it into place."""
+        import torch.distributed.checkpoint as dcp
+
+        state = trainer.state_dict(sharded=True)
+        shards = {"model": state["model"], "optimizer": state["optimizer"]}
+        state = {**state, "model": {}, "optimizer": {}, "sharded": checkpoint.SHARDED_DIR}
+        temporary = checkpoint.new_temporary(directory, trainer.step) if distributed.is_main_process() else None
+        temporary = Path(distributed.broadcast_object(str(temporary) if temporary else None))
+        # DCP's FileSystemWriter fsyncs each shard; its save ends once every rank's is written.
+        dcp.save(shards, checkpoint_id=temporary / checkpoint.SHARDED_DIR)
+        written = None
+        if distributed.is_main_process():
+            prepared = checkpoint.prepare_checkpoint(state, self._extra_files(trainer))
+            prepared.directories = (checkpoint.SHARDED_DIR,)
+            written = self._write(prepared, directory, started, temporary=temporary)
+        distributed.barrier()
+        return written
+
     def wait(self) -> Path | None:
         """Block until an asynchronous save in flight is on disk (raising its error if the
         write failed); returns its directory."""
         pending, self._pending = self._pending, None
         return pending.result() if pending is not None else None
 
-    def _write(self, prepared: checkpoint.PreparedCheckpoint, directory: Path, started: float) -> Path:
+    def _write(self, prepared: checkpoint.PreparedCheckpoint, directory: Path, started: float, temporary: Path | None = None) -> Path:
         if not self._cleaned:
-            checkpoint.remove_temporaries(directory)  # what a killed run left behind
+            checkpoint.remove_temporaries(directory, keep=temporary)  # what a killed run left behind
             self._cleaned = True
-        written = checkpoint.write_checkpoint(prepared, directory, fsync=self.fsync)
+        written = checkpoint.write_checkpoint(prepared, directory, fsync=self.fsync, temporary=temporary)
         checkpoint.prune_checkpoints(directory, self.keep_previous, self.keep_interval, protect=[written])
         self.last_saved = written
         logger.info("saved checkpoint %s in %.2fs", written, time.perf_counter() - started)
@@ -235,8 +270,38 @@ class CheckpointingHook(BaseHook):
         return self.path
 
     def _resume(self, trainer: BaseTrainer) -> None:
+        """Rank 0 chooses what to resume from (verifying it) and tells the others, so that
+        every rank loads the same checkpoint even if one of them sees the files change."""
         assert self.directory is not None
-        own = checkpoint.find_latest(self.directory) if self.load is not None else None
+        choice: tuple[str, str | None] = ("none", None)
+        state: dict[str, Any] | None = None
+        if distributed.is_main_process():
+            try:
+                choice, state = self._choose_source()
+            except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+                choice = ("error", f"{type(err).__name__}: {err}")
+                if not distributed.is_distributed():
+                    raise
+        kind, detail = distributed.broadcast_object(choice)
+        if kind == "error":
+            raise checkpoint.CheckpointError(f"rank 0 could not resume: {detail}")
+        if kind == "none":
+            return
+        source = Path(detail)
+        if state is None:
+            state = checkpoint.load_checkpoint(source)
+        if kind == "own":
+            self._last_saved_step = int(state["step"])
+        if state.get("sharded"):
+            self._load_shards(trainer, source, state)
+        else:
+            trainer.load_state_dict(state)
+        self.resumed_from = source
+        logger.info("resumed from %s at step %d (epoch %d)", source, trainer.step, trainer.epoch)
+
+    def _choose_source(self) -> tuple[tuple[str, str | None], dict[str, Any] | None]:
+        """(("own" | "load" | "none", path), state) on the main process."""
+        assert self.directory is not None
         if self.load is None:
             existing = checkpoint.list_checkpoints(self.directory)
             if existing:
@@ -245,19 +310,28 @@ class CheckpointingHook(BaseHook):
                     f"({existing[-1][1].name}, ...) of an earlier run; use load='latest' to continue it, "
                     "or a different path to start a new run"
                 )
-            return
+            return ("none", None), None
+        own = checkpoint.find_latest(self.directory)
         if own is not None:
-            source, state = own
-            self._last_saved_step = int(state["step"])
-        elif self.load != "latest":
+            return ("own", str(own[0])), own[1]
+        if self.load != "latest":
             source = Path(self.load)
-            state = checkpoint.load_checkpoint(source)
-        else:
-            logger.info("no checkpoint in %s: starting from scratch", self.directory)
-            return
-        trainer.load_state_dict(state)
-        self.resumed_from = source
-        logger.info("resumed from %s at step %d (epoch %d)", source, trainer.step, trainer.epoch)
+            return ("load", str(source)), checkpoint.load_checkpoint(source)
+        logger.info("no checkpoint in %s: starting from scratch", self.directory)
+        return ("none", None), None
+
+    @staticmethod
+    def _load_shards(trainer: BaseTrainer, source: Path, state: dict[str, Any]) -> None:
+        """Read model/optimizer shards into this rank's sharded state (DCP reshards when the
+        number of processes changed), then restore the whole state."""
+        import torch.distributed.checkpoint as dcp
+
+        if source.is_file() or not (source / str(state["sharded"])).is_dir():
+            raise checkpoint.CheckpointError(f"{source}: a sharded checkpoint without its {state['sharded']}/ directory")
+        model_state, optim_state = trainer._model_and_optimizer_state(sharded=True)
+        shards = {"model": model_state, "optimizer": optim_state}
+        dcp.load(shards, checkpoint_id=source / str(state["sharded"]))
+        trainer.load_state_dict({**state, **shards}, sharded=True)
 
     # ------------------------------------------------------------------ signals
 

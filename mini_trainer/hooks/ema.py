@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..builder import REGISTRY
 from ..utils import check_int, check_number
 from .base import BaseHook
@@ -127,6 +128,11 @@ class EmaHook(BaseHook):
         if self.ema_model is not None:
             return
         model = trainer.unwrapped_model
+        if distributed.is_fsdp2(model):
+            raise NotImplementedError(
+                "EmaHook does not support FSDP2 models (parallelism='fsdp'): their parameters are "
+                "sharded and cannot be copied whole; use parallelism='ddp' with EmaHook, or drop the hook"
+            )
         ema = copy.deepcopy(model)
         ema.requires_grad_(False)
         ema.eval()

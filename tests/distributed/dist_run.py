@@ -1,0 +1,163 @@
+"""One training run that the distributed tests start under torchrun (or plain python).
+
+A small MLP on fixed synthetic data, loaded with `mini_trainer.data.tensor_loader` (each rank
+reads its share). Options switch on what a test needs: the parallelism, per-rank batch
+size, accumulation, clipping, checkpoints (full or sharded), a NaN loss / a stop request / a
+signal / a SIGKILL on one rank only, counting gradient collectives per micro-step, sync'd
+metrics. Rank 0 writes `result.json` and the final full model to `final.safetensors` in
+the workspace; every rank writes `rank<N>.json`.
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from mini_trainer import BaseTrainer, CheckpointingHook, EmaHook, LoggingHook, ProgressHook, distributed
+from mini_trainer.data import tensor_loader
+from mini_trainer.hooks import BaseHook
+
+parser = argparse.ArgumentParser()
+parser.add_argument("workspace")
+parser.add_argument("--parallelism", default="auto", choices=["auto", "ddp", "fsdp", "none"])
+parser.add_argument("--batch", type=int, default=4, help="per-rank batch size")
+parser.add_argument("--accum", type=int, default=1)
+parser.add_argument("--steps", type=int, default=8)
+parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+parser.add_argument("--clip", type=float, default=None)
+parser.add_argument("--dropout", type=float, default=0.0)
+parser.add_argument("--interval", type=int, default=None, help="checkpoint every N steps")
+parser.add_argument("--sharded", action="store_true")
+parser.add_argument("--load", default="latest")
+parser.add_argument("--ema", action="store_true")
+parser.add_argument("--metrics", action="store_true", help="LoggingHook + ProgressHook with sync=True")
+parser.add_argument("--count-comm", action="store_true")
+parser.add_argument("--nan", default=None, help="RANK:STEP: that rank's loss is NaN on the first try of STEP")
+parser.add_argument("--stop", default=None, help="RANK:STEP: that rank alone asks to stop after STEP")
+parser.add_argument("--sigterm", default=None, help="RANK:STEP: that rank alone gets SIGTERM during STEP")
+parser.add_argument("--sigkill", default=None, help="RANK:STEP: that rank SIGKILLs itself after STEP")
+parser.add_argument("--retries", type=int, default=2)
+args = parser.parse_args()
+
+
+def rank_step(option):
+    if option is None:
+        return None, None
+    rank, step = option.split(":")
+    return int(rank), int(step)
+
+
+RANK = int(os.environ.get("RANK", "0"))
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(1234)
+X = torch.randn(96, 8, generator=g)
+Y = (X @ torch.randn(8, 4, generator=g)).tanh() + 0.05 * torch.randn(96, 4, generator=g)
+
+
+class Run(BaseTrainer):
+    def build_model(self):
+        torch.manual_seed(0)  # the same initial weights everywhere (FSDP2 needs that)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(args.dropout), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+        torch.manual_seed(100 + RANK)  # different dropout masks per rank: resume must restore each rank's own RNG
+        return model
+
+    def build_optimizer(self):
+        if args.optimizer == "sgd":
+            return torch.optim.SGD(self.model.parameters(), lr=0.2, momentum=0.9)
+        return torch.optim.AdamW(self.model.parameters(), lr=3e-3, weight_decay=0.01)
+
+    def build_data_loader(self):
+        return tensor_loader(X, Y, batch_size=args.batch, seed=7)
+
+    def build_lr_scheduler(self):
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0 / (1 + 0.1 * s))
+
+    def forward(self, batch):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.model(x), y)
+        nan_rank, nan_step = rank_step(args.nan)
+        if RANK == nan_rank and self.step + 1 == nan_step and self.step_info["retries"] == 0:
+            loss = loss * float("nan")
+        return loss, {"rank": torch.tensor(float(RANK))}
+
+    def backward(self, loss):
+        if not args.count_comm:
+            return super().backward(loss)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            super().backward(loss)
+        names = ("c10d::allreduce_", "c10d::_reduce_scatter_base_", "c10d::reduce_scatter_")
+        counts.append(sum(1 for e in prof.events() if e.name in names))
+
+
+class Faults(BaseHook):
+    """Per-rank faults, and a record of what every step saw."""
+
+    def on_before_step(self, trainer):
+        rank, step = rank_step(args.sigterm)
+        if RANK == rank and trainer.step + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_after_step(self, trainer):
+        seen.append({"step": trainer.step, "retries": trainer.step_info["retries"], "loss": float(trainer.step_info["loss"])})
+        rank, step = rank_step(args.stop)
+        if RANK == rank and trainer.step == step:
+            trainer.should_stop = True
+        rank, step = rank_step(args.sigkill)
+        if RANK == rank and trainer.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+if args.parallelism == "none" and "WORLD_SIZE" in os.environ:
+    # parallelism=None: the user owns the process group and the model is not wrapped, so
+    # ranks train apart but must still agree on retries and stopping.
+    torch.distributed.init_process_group("gloo")
+
+counts: list[int] = []
+seen: list[dict] = []
+hooks = [Faults()]
+if args.interval is not None or args.sharded or args.sigterm or args.sigkill:
+    hooks.append(CheckpointingHook(interval=args.interval, path="ckpt", load=None if args.load == "none" else args.load, sharded=args.sharded, exit_wait=20))
+if args.ema:
+    hooks.append(EmaHook(decay=0.9))
+if args.metrics:
+    hooks += [LoggingHook(interval=2, sync=True), ProgressHook(interval=2, sync=True)]
+
+trainer = Run(
+    max_steps=args.steps,
+    gradient_accumulation_steps=args.accum,
+    grad_clip=args.clip,
+    max_non_finite_grad_retries=args.retries,
+    parallelism=None if args.parallelism == "none" else args.parallelism,
+    workspace=args.workspace,
+    device="cpu",
+    seed=0,
+    hooks=hooks,
+)
+trainer.train()
+
+workspace = Path(args.workspace)
+state = trainer.state_dict()
+(workspace / f"rank{RANK}.json").write_text(json.dumps({
+    "world": distributed.get_world_size(),
+    "parallel": trainer.parallel,
+    "sampler": type(trainer.data_loader.sampler).__name__,
+    "step": trainer.step,
+    "epoch": trainer.epoch,
+    "comm_per_micro_step": counts,
+    "seen": seen,
+}))
+if distributed.is_main_process():
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state["model"].items()}
+    for hook in trainer.hooks:
+        if isinstance(hook, EmaHook):
+            tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in hook.ema_model.state_dict().items()})
+    save_file(tensors, str(workspace / "final.safetensors"))
+sys.exit(0)

@@ -1,0 +1,205 @@
+"""Distributed training as users run it: real `torchrun` processes on CPU (gloo).
+
+Every test starts `tests/distributed/dist_run.py` (a small MLP, its data read through
+`mini_trainer.data.tensor_loader`) under torchrun with 2 processes, or as one plain process
+for the reference. The global batch is the same everywhere: 2 ranks x 4 samples, or 1
+process x 8 samples. Each launch is bounded in time and its whole process group is killed
+if it overruns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).with_name("dist_run.py")
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT = 180
+
+
+def launch(command: list[str], timeout: float = TIMEOUT) -> tuple[int, str]:
+    """Run `command` in its own process group; kill the whole group if it overruns."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{' '.join(command)} ran past {timeout}s:\n{output[-4000:]}")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode, output
+
+
+def torchrun(workspace: Path, *args: str, nproc: int = 2, expect_rc: int | None = 0) -> str:
+    rc, output = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(SCRIPT), str(workspace), *args])
+    if expect_rc is not None:
+        assert rc == expect_rc, f"torchrun exited with {rc}:\n{output[-6000:]}"
+    return output
+
+
+def single(workspace: Path, *args: str) -> str:
+    rc, output = launch([sys.executable, str(SCRIPT), str(workspace), *args])
+    assert rc == 0, f"exited with {rc}:\n{output[-6000:]}"
+    return output
+
+
+def weights(workspace: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(workspace / "final.safetensors"))
+
+
+def ranks(workspace: Path) -> list[dict]:
+    return [json.loads((workspace / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ---------------------------------------------------------------- same math as one process
+
+EQUIVALENCE = ["--steps", "10", "--clip", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def one_process_big_batch(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """No accumulation, the whole global batch (2 ranks x 4 samples x 2 micro-steps)."""
+    workspace = tmp_path_factory.mktemp("reference")
+    single(workspace, *EQUIVALENCE, "--batch", "16")
+    return weights(workspace)
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_processes_with_accumulation_equal_one_process(tmp_path, one_process_big_batch, parallelism):
+    torchrun(tmp_path, *EQUIVALENCE, "--batch", "4", "--accum", "2", "--parallelism", parallelism, "--count-comm")
+    # Same weights: the data was sharded (DistributedSampler), gradients averaged over
+    # ranks and micro-steps, and clipped by the global norm (clip 0.5 is active here).
+    assert max_difference(weights(tmp_path), one_process_big_batch) < 1e-6
+    for info in ranks(tmp_path):
+        assert info["world"] == 2 and info["parallel"] == parallelism
+        assert info["sampler"] == "EpochShuffleSampler"
+        counts = info["comm_per_micro_step"]
+        assert len(counts) == 20
+        # No gradient all-reduce / reduce-scatter on the first micro-step of a step, some
+        # on the second (DDP: one bucket; FSDP2: one reduce-scatter per sharded unit).
+        assert counts[0::2] == [0] * 10, counts
+        assert all(c > 0 for c in counts[1::2]), counts
+
+
+# ---------------------------------------------------------------- ranks agree
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "none"])
+def test_nan_or_stop_on_one_rank_is_followed_by_every_rank(tmp_path, parallelism):
+    """Rank 1 alone gets a NaN loss at step 3, and rank 0 alone asks to stop after step 5:
+    both ranks retry step 3 and both stop after step 5 (a rank acting alone would leave the
+    other waiting in a collective forever). With parallelism='none' nothing syncs the
+    gradients, so the trainer's own agreement is what is tested."""
+    torchrun(tmp_path, "--steps", "8", "--parallelism", parallelism, "--nan", "1:3", "--stop", "0:5")
+    for info in ranks(tmp_path):
+        assert info["step"] == 5
+        assert [s["retries"] for s in info["seen"]] == [0, 0, 1, 0, 0]
+
+
+def test_synced_metrics_are_logged_once_by_rank_zero(tmp_path):
+    output = torchrun(tmp_path, "--steps", "6", "--parallelism", "ddp", "--metrics")
+    rank_losses = [[s["loss"] for s in info["seen"]] for info in ranks(tmp_path)]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 6]  # written by one rank only
+    for line in lines:
+        step = line["step"]
+        window = [losses[i] for losses in rank_losses for i in (step - 2, step - 1)]
+        assert line["loss"] == pytest.approx(sum(window) / len(window), rel=1e-6)
+        assert line["rank"] == pytest.approx(0.5)  # records are averaged over ranks too
+    assert sum(1 for line in output.splitlines() if line.startswith("Step ")) == 3  # printed once
+
+
+# ---------------------------------------------------------------- exact resume
+
+RESUMABLE = ["--steps", "12", "--interval", "4", "--dropout", "0.1", "--optimizer", "adamw", "--accum", "2", "--parallelism", "ddp", "--ema"]
+
+
+def test_sigterm_and_sigkill_on_one_rank_then_resume_exactly(tmp_path):
+    """Dropout masks differ per rank, so each rank's RNG must come back as its own."""
+    reference = tmp_path / "reference"
+    torchrun(reference, *RESUMABLE)
+    run = tmp_path / "run"
+    # SIGTERM to rank 1 only during step 6: both ranks finish the step, save, exit 143.
+    output = torchrun(run, *RESUMABLE, "--sigterm", "1:6", expect_rc=None)
+    assert "exitcode  : 143" in output
+    assert (run / "ckpt" / "step_000000006").is_dir()
+    # SIGKILL on rank 0 after step 10 (last checkpoint: 8): torchrun stops rank 1 too.
+    output = torchrun(run, *RESUMABLE, "--sigkill", "0:10", expect_rc=None)
+    assert "SIGKILL" in output
+    torchrun(run, *RESUMABLE)
+    final, expected = weights(run), weights(reference)
+    assert final.keys() == expected.keys()
+    for name in expected:  # model and EMA, bit for bit
+        assert torch.equal(final[name], expected[name]), name
+
+
+# ---------------------------------------------------------------- other numbers of processes
+
+MOVABLE = ["--interval", "3", "--optimizer", "adamw", "--accum", "2", "--clip", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> dict[str, torch.Tensor]:
+    workspace = tmp_path_factory.mktemp("one_process")
+    single(workspace, *MOVABLE, "--steps", "12", "--batch", "8")
+    return weights(workspace)
+
+
+@pytest.mark.parametrize(
+    "parallelism, sharded",
+    [("ddp", False), ("fsdp", False), ("fsdp", True)],
+    ids=["ddp", "fsdp-full", "fsdp-sharded"],
+)
+def test_resume_from_two_processes_onto_one_and_back(tmp_path, one_process_run, parallelism, sharded):
+    """2 processes to step 4 (the sharded run is SIGKILLed after step 5 instead: its last
+    checkpoint is step 3), then 1 process to step 9, then 2 processes to step 12. Every
+    hand-over falls in the middle of an epoch (6 steps each), so the data position must
+    carry over in samples of the epoch's permutation."""
+    options = [*MOVABLE, "--parallelism", parallelism, *(["--sharded"] if sharded else [])]
+    if sharded:
+        output = torchrun(tmp_path, *options, "--steps", "12", "--sigkill", "1:5", expect_rc=None)
+        assert "SIGKILL" in output
+        assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_000000003"
+        manifest = json.loads((tmp_path / "ckpt" / "step_000000003" / "manifest.json").read_text())
+        assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(manifest["directories"]["sharded"])
+    else:
+        torchrun(tmp_path, *options, "--steps", "4")
+    single(tmp_path, *options, "--steps", "9", "--batch", "8")
+    torchrun(tmp_path, *options, "--steps", "12")
+    assert max_difference(weights(tmp_path), one_process_run) < 1e-6
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_runs_unchanged_under_torchrun(tmp_path):
+    rc, output = launch([
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "mini_trainer", "train", "configs/digits_mlp.py",
+        f"trainer.workspace={tmp_path}", "trainer.max_steps=150",
+    ])
+    assert rc == 0, output[-6000:]
+    accuracy = [line for line in output.splitlines() if line.startswith("test_accuracy ")]
+    assert len(accuracy) == 1, output[-3000:]  # printed by rank 0 only
+    assert float(accuracy[0].split()[1]) > 0.9
+    assert (tmp_path / "checkpoints" / "step_000000150").is_dir()
