@@ -8,6 +8,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -69,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    # Under torchrun every rank would print the same warnings: the others show errors only.
+    level = args.log_level if os.environ.get("RANK", "0") == "0" else "ERROR"
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         for text in args.overrides:
             parse_override(text)  # fail on syntax before doing any work

@@ -67,3 +67,10 @@ def test_spela_example_learns_digits_at_every_exit():
     accuracies = dict(line.split() for line in out.strip().splitlines())
     assert set(accuracies) == {"exit_1_accuracy", "exit_2_accuracy", "exit_3_accuracy", "accuracy"}
     assert float(accuracies["accuracy"]) > 0.93
+
+
+@pytest.mark.slow
+def test_distributed_example_runs_on_one_process_too():
+    out = run_example("distributed_torchrun.py")
+    assert "processes 1 parallel None" in out
+    assert float(re.search(r"^test_accuracy (\d\.\d{4})$", out, re.M).group(1)) > 0.93

@@ -10,12 +10,14 @@ position, RNG, hook states) written by `mini_trainer.checkpoint` (atomic, hashed
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -226,7 +228,8 @@ class CheckpointingHook(BaseHook):
         temporary = checkpoint.new_temporary(directory, trainer.step) if distributed.is_main_process() else None
         temporary = Path(distributed.broadcast_object(str(temporary) if temporary else None))
         # DCP's FileSystemWriter fsyncs each shard; its save ends once every rank's is written.
-        dcp.save(shards, checkpoint_id=temporary / checkpoint.SHARDED_DIR)
+        with _single_process_dcp_quiet():
+            dcp.save(shards, checkpoint_id=temporary / checkpoint.SHARDED_DIR)
         written = None
         if distributed.is_main_process():
             prepared = checkpoint.prepare_checkpoint(state, self._extra_files(trainer))
@@ -330,7 +333,8 @@ class CheckpointingHook(BaseHook):
             raise checkpoint.CheckpointError(f"{source}: a sharded checkpoint without its {state['sharded']}/ directory")
         model_state, optim_state = trainer._model_and_optimizer_state(sharded=True)
         shards = {"model": model_state, "optimizer": optim_state}
-        dcp.load(shards, checkpoint_id=source / str(state["sharded"]))
+        with _single_process_dcp_quiet():  # resuming a sharded run on one process is fine
+            dcp.load(shards, checkpoint_id=source / str(state["sharded"]))
         trainer.load_state_dict({**state, **shards}, sharded=True)
 
     # ------------------------------------------------------------------ signals
@@ -373,3 +377,12 @@ class CheckpointingHook(BaseHook):
         self._signal = None  # handled: a later train() in this process starts clean
         self._restore_signal_handlers()
         raise SystemExit(code)
+
+
+@contextlib.contextmanager
+def _single_process_dcp_quiet() -> Iterator[None]:
+    """DCP warns on every call without a process group; one process is a supported case."""
+    with warnings.catch_warnings():
+        if not distributed.is_distributed():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield

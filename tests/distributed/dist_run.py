@@ -43,6 +43,7 @@ parser.add_argument("--stop", default=None, help="RANK:STEP: that rank alone ask
 parser.add_argument("--sigterm", default=None, help="RANK:STEP: that rank alone gets SIGTERM during STEP")
 parser.add_argument("--sigkill", default=None, help="RANK:STEP: that rank SIGKILLs itself after STEP")
 parser.add_argument("--retries", type=int, default=2)
+parser.add_argument("--device", default="cpu", help="cpu, or cuda: this rank's GPU (LOCAL_RANK) with NCCL")
 args = parser.parse_args()
 
 
@@ -137,7 +138,7 @@ trainer = Run(
     max_non_finite_grad_retries=args.retries,
     parallelism=None if args.parallelism == "none" else args.parallelism,
     workspace=args.workspace,
-    device="cpu",
+    device="auto" if args.device == "cuda" else args.device,
     seed=0,
     hooks=hooks,
 )
@@ -147,6 +148,8 @@ workspace = Path(args.workspace)
 state = trainer.state_dict()
 (workspace / f"rank{RANK}.json").write_text(json.dumps({
     "world": distributed.get_world_size(),
+    "backend": torch.distributed.get_backend() if distributed.is_distributed() else None,
+    "device": str(trainer.device),
     "parallel": trainer.parallel,
     "sampler": type(trainer.data_loader.sampler).__name__,
     "step": trainer.step,

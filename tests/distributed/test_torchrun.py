@@ -62,8 +62,8 @@ def weights(workspace: Path) -> dict[str, torch.Tensor]:
     return load_file(str(workspace / "final.safetensors"))
 
 
-def ranks(workspace: Path) -> list[dict]:
-    return [json.loads((workspace / f"rank{r}.json").read_text()) for r in range(2)]
+def ranks(workspace: Path, nproc: int = 2) -> list[dict]:
+    return [json.loads((workspace / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
