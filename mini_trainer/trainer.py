@@ -840,6 +840,8 @@ class BaseTrainer:
             sampler.resume_at(self.epoch, int(position["samples"]))
             self.batch_in_epoch = 0  # counted from the new start of this epoch
             self._skip_batches = 0
+            if _length(self.data_loader) == 0:
+                self._roll_over_epoch()  # saved at the end of the epoch: nothing of it is left
             return
         self._skip_batches = self.batch_in_epoch
         if self.batch_in_epoch:

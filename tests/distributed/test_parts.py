@@ -183,3 +183,41 @@ def test_an_already_wrapped_model_is_left_alone(one_process_group):
     trainer.build()
     assert trainer.model is ddp and trainer.parallel is None
     assert distributed.resolve_parallelism("auto", nn.Linear(2, 1)) is None  # a world of one: nothing to do
+
+
+def _small_run(**kwargs):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, generator=g), torch.randn(40, 1, generator=g)
+    from mini_trainer.data import tensor_loader
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    seen = []
+
+    def forward(model, batch):
+        seen.append(batch[0].clone())
+        return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    trainer = BaseTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=tensor_loader(x, y, batch_size=kwargs.pop("batch_size"), seed=3),
+                          forward_fn=forward, device="cpu", **kwargs)
+    return trainer, seen, x
+
+
+@pytest.mark.parametrize("saved_steps, expected_epoch", [(3, 0), (5, 1)])
+def test_a_state_from_two_processes_continues_after_the_samples_they_consumed(saved_steps, expected_epoch):
+    """A state saved by 2 ranks x 4 samples (faked here: world_size and data_position are all
+    that differ) continues on 1 process x 8 at the next unseen sample of the epoch; saved at
+    the end of an epoch (5 steps x 8 = 40 samples), it goes on with the next epoch."""
+    saver, _, _ = _small_run(batch_size=8, max_steps=saved_steps)
+    saver.train()
+    state = saver.state_dict()
+    state["world_size"] = 2
+    state["data_position"] = {"epoch_start": 0, "samples": saved_steps * 8}
+    resumed, seen, x = _small_run(batch_size=8, max_steps=saved_steps + 1)
+    resumed.load_state_dict(state)
+    resumed.train()
+    order = EpochShuffleSampler(x, seed=3)
+    order.set_epoch(expected_epoch)
+    first = list(order)[(saved_steps * 8) % 40 :][:8]
+    assert resumed.epoch == expected_epoch
+    assert torch.equal(seen[0], x[first])
