@@ -548,13 +548,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, *, verify_directories: bool = True) -> dict[str, Any]:
     """Load a checkpoint and return the state for `trainer.load_state_dict`.
 
     `path` is a checkpoint directory (`.../step_000001000`), a run's checkpoint root (its
     newest valid checkpoint is taken, see `find_latest`) or a `.pt`/`.pth` file from
     `torch.save(trainer.state_dict())`, read with `torch.load(weights_only=True)` so that no
     code in it can run. Raises `CheckpointError` when nothing valid is there.
+    `verify_directories=False` skips re-hashing sharded subdirectories (DCP shards) that
+    another rank has verified; the safetensors files are always checked.
     """
     path = Path(path)
     if path.is_file():
@@ -562,23 +564,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {str(path)!r}: it does not exist")
     if (path / MANIFEST).exists():
-        return _load_directory(path)
+        return _load_directory(path, verify_directories)
     found = find_latest(path)
     if found is None:
         raise CheckpointError(f"no checkpoint at {str(path)!r}: no manifest.json and no valid step_* directory inside")
     return found[1]
 
 
-def _load_directory(directory: Path) -> dict[str, Any]:
+def _load_directory(directory: Path, verify_directories: bool = True) -> dict[str, Any]:
     try:
-        return _load_directory_unchecked(directory)
+        return _load_directory_unchecked(directory, verify_directories)
     except CheckpointError:
         raise
     except Exception as err:  # noqa: BLE001 - I/O errors, malformed content: this checkpoint is unusable
         raise CheckpointError(f"{directory}: cannot be loaded ({type(err).__name__}: {err})") from err
 
 
-def _load_directory_unchecked(directory: Path) -> dict[str, Any]:
+def _load_directory_unchecked(directory: Path, verify_directories: bool = True) -> dict[str, Any]:
     try:
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -600,7 +602,7 @@ def _load_directory_unchecked(directory: Path) -> dict[str, Any]:
             raise CheckpointError(f"{directory}: {file} is missing")
         if actual.stat().st_size != info.get("bytes"):
             raise CheckpointError(f"{directory}: {file} has {actual.stat().st_size} bytes, the manifest says {info.get('bytes')} (truncated?)")
-    directories = manifest.get("directories") or {}
+    directories = (manifest.get("directories") or {}) if verify_directories else {}
     with concurrent.futures.ThreadPoolExecutor(max(len(files), 1)) as pool:
         futures = {file: pool.submit(read_safetensors, directory / file, info.get("sha256") or "") for file, info in files.items()}
         tensors = {file: future.result() for file, future in futures.items()}

@@ -306,7 +306,10 @@ def all_reduce_gradients(model: nn.Module, params: list[torch.Tensor]) -> None:
         )
     if not hasattr(model, "no_sync"):
         return  # not a DDP/FSDP1 wrapper: this model never syncs gradients itself
-    grads = [p.grad for p in params if p.grad is not None]
+    for p in params:
+        if p.grad is None:  # unused on this rank but maybe not on others: same collectives everywhere
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     for grad in grads:
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
     torch._foreach_div_(grads, float(get_world_size()))

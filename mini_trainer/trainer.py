@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -437,8 +438,9 @@ class BaseTrainer:
             info["data_time"] += time.perf_counter() - fetch_start
             if batch is _END_OF_DATA:
                 break
-            # All-reducing gradients is only useful once they are complete.
-            sync = micro_step == n - 1 or not self.no_sync_accumulate
+            # All-reducing gradients is only useful once they are complete: on the last
+            # micro-step, or on the last batch of training when the data ends mid-step.
+            sync = micro_step == n - 1 or not self.no_sync_accumulate or self._last_batch_of_training()
             with distributed.gradient_sync(self.model, sync) if n > 1 else _NULL:
                 with self._autocast():
                     loss, records = self._check_forward_output(self.forward(batch))
@@ -463,6 +465,14 @@ class BaseTrainer:
         info["records"] = all_records[0] if len(all_records) == 1 else _average_on_device(all_records)
         info["micro_steps"] = len(losses)
         return True
+
+    def _last_batch_of_training(self) -> bool:
+        """Whether the batch just drawn is the last one `max_epochs` allows (known only for
+        loaders with a length)."""
+        if self.max_epochs is None or self.epoch + 1 < self.max_epochs:
+            return False
+        per_epoch = _length(self.data_loader)
+        return bool(per_epoch) and self.batch_in_epoch >= per_epoch
 
     def forward(self, batch: Any) -> ForwardOutput:
         """Compute `(loss, records)` for one micro-batch (already on `self.device`).
@@ -837,6 +847,7 @@ class BaseTrainer:
         sampler = epoch_sampler(self.data_loader)
         self._loader_restored = False
         if sampler is not None and position is not None:
+            sampler.set_epoch(self.epoch)  # its length below is this epoch's
             sampler.resume_at(self.epoch, int(position["samples"]))
             self.batch_in_epoch = 0  # counted from the new start of this epoch
             self._skip_batches = 0
@@ -961,7 +972,16 @@ def _check_optional_type(name: str, value: Any, types: type | tuple[type, ...]) 
 
 
 def resolve_device(device: str | torch.device | int) -> torch.device:
-    """"auto" -> cuda (this rank's LOCAL_RANK under torchrun) > mps > cpu."""
+    """"auto" -> cuda (this rank's LOCAL_RANK under torchrun) > mps > cpu. A "cuda"
+    without an index is this rank's GPU too."""
+    resolved = _resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        count = max(torch.cuda.device_count(), 1)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % count)
+    return resolved
+
+
+def _resolve_device(device: str | torch.device | int) -> torch.device:
     if isinstance(device, bool):
         raise TypeError(f"device must be 'auto', a device string, a torch.device or a CUDA index; got {device!r}")
     if isinstance(device, int):
@@ -974,9 +994,7 @@ def resolve_device(device: str | torch.device | int) -> torch.device:
         raise TypeError(f"device must be 'auto', a device string, a torch.device or a CUDA index; got {type(device).__name__}")
     if device == "auto":
         if torch.cuda.is_available():
-            import os
-
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            return torch.device("cuda")  # this rank's, see resolve_device
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

@@ -17,10 +17,10 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import checkpoint, distributed
 from ..builder import REGISTRY
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ..trainer import BaseTrainer
 
 logger = logging.getLogger("mini_trainer")
+_T = TypeVar("_T")
 
 _EXIT_CODE_FROM_SIGNAL = "128+signal"
 
@@ -195,25 +196,31 @@ class CheckpointingHook(BaseHook):
         its directory on the main process, or None when `async_save` is writing it in the
         background (`wait()` returns it then)."""
         directory = self.directory or self._resolve(trainer)
-        self.wait()  # one save in flight at most: its buffers are reused, and saves land in order
+        # One save in flight at most (its buffers are reused, and saves land in order). A
+        # failed background write on rank 0 must stop every rank, not leave them waiting in
+        # the gathers of state_dict() below.
+        _agreed(self.wait)
         started = time.perf_counter()
         if self.sharded:
             written = self._save_sharded(trainer, directory, started)
             self._last_saved_step = trainer.step
             return written
         state = trainer.state_dict()
-        written = None
-        if distributed.is_main_process():
+
+        def write_on_main() -> Path | None:
+            if not distributed.is_main_process():
+                return None
             prepared = checkpoint.prepare_checkpoint(state, self._extra_files(trainer))
-            if self.async_save:
-                prepared = self._staging.stage(prepared)  # from here on training may change the state
-                if self._writer is None:
-                    self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
-                self._pending = self._writer.submit(self._write, prepared, directory, started)
-            else:
-                written = self._write(prepared, directory, started)
-        if not self.async_save:
-            distributed.barrier()  # nobody runs ahead (or exits) before the checkpoint exists
+            if not self.async_save:
+                return self._write(prepared, directory, started)
+            prepared = self._staging.stage(prepared)  # from here on training may change the state
+            if self._writer is None:
+                self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+            self._pending = self._writer.submit(self._write, prepared, directory, started)
+            return None
+
+        # Also a barrier: nobody runs ahead (or exits) before the checkpoint exists.
+        written = _agreed(write_on_main)
         self._last_saved_step = trainer.step
         return written
 
@@ -225,18 +232,22 @@ class CheckpointingHook(BaseHook):
         state = trainer.state_dict(sharded=True)
         shards = {"model": state["model"], "optimizer": state["optimizer"]}
         state = {**state, "model": {}, "optimizer": {}, "sharded": checkpoint.SHARDED_DIR}
-        temporary = checkpoint.new_temporary(directory, trainer.step) if distributed.is_main_process() else None
-        temporary = Path(distributed.broadcast_object(str(temporary) if temporary else None))
-        # DCP's FileSystemWriter fsyncs each shard; its save ends once every rank's is written.
+        main = distributed.is_main_process()
+        temporary = _agreed(lambda: checkpoint.new_temporary(directory, trainer.step) if main else None)
+        temporary = Path(distributed.broadcast_object(str(temporary) if main else None))
+        # DCP's FileSystemWriter fsyncs each shard; its save ends once every rank's is written
+        # (and raises on every rank if one failed).
         with _single_process_dcp_quiet():
             dcp.save(shards, checkpoint_id=temporary / checkpoint.SHARDED_DIR)
-        written = None
-        if distributed.is_main_process():
+
+        def write_on_main() -> Path | None:
+            if not main:
+                return None
             prepared = checkpoint.prepare_checkpoint(state, self._extra_files(trainer))
             prepared.directories = (checkpoint.SHARDED_DIR,)
-            written = self._write(prepared, directory, started, temporary=temporary)
-        distributed.barrier()
-        return written
+            return self._write(prepared, directory, started, temporary=temporary)
+
+        return _agreed(write_on_main)
 
     def wait(self) -> Path | None:
         """Block until an asynchronous save in flight is on disk (raising its error if the
@@ -278,21 +289,26 @@ class CheckpointingHook(BaseHook):
         assert self.directory is not None
         choice: tuple[str, str | None] = ("none", None)
         state: dict[str, Any] | None = None
+        error: Exception | None = None
         if distributed.is_main_process():
             try:
                 choice, state = self._choose_source()
             except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
-                choice = ("error", f"{type(err).__name__}: {err}")
                 if not distributed.is_distributed():
                     raise
+                choice, error = ("error", f"{type(err).__name__}: {err}"), err
         kind, detail = distributed.broadcast_object(choice)
         if kind == "error":
+            if error is not None:
+                raise error
             raise checkpoint.CheckpointError(f"rank 0 could not resume: {detail}")
         if kind == "none":
             return
         source = Path(detail)
-        if state is None:
-            state = checkpoint.load_checkpoint(source)
+        if state is None:  # every rank but 0; rank 0 verified the DCP shard files already
+            state = _agreed(lambda: checkpoint.load_checkpoint(source, verify_directories=False))
+        else:
+            _agreed(lambda: None)  # the other side of the agreement the other ranks enter
         if kind == "own":
             self._last_saved_step = int(state["step"])
         if state.get("sharded"):
@@ -386,3 +402,18 @@ def _single_process_dcp_quiet() -> Iterator[None]:
         if not distributed.is_distributed():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         yield
+
+
+def _agreed(action: Callable[[], _T]) -> _T:
+    """Run `action` on this rank; if it fails on any rank, every rank raises (the failing
+    one its own error), instead of the others waiting forever in the next collective.
+    Doubles as a barrier in a distributed run; just `action()` in a single process."""
+    try:
+        result, error = action(), None
+    except Exception as err:  # noqa: BLE001 - re-raised below, after the others know
+        result, error = None, err
+    if distributed.agree_max(int(error is not None)):
+        if error is not None:
+            raise error
+        raise checkpoint.CheckpointError("another rank failed while saving or loading a checkpoint (see its log)")
+    return result  # type: ignore[return-value]

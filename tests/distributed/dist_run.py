@@ -29,6 +29,7 @@ parser.add_argument("--parallelism", default="auto", choices=["auto", "ddp", "fs
 parser.add_argument("--batch", type=int, default=4, help="per-rank batch size")
 parser.add_argument("--accum", type=int, default=1)
 parser.add_argument("--steps", type=int, default=8)
+parser.add_argument("--epochs", type=int, default=None, help="train for this many epochs instead of --steps")
 parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
 parser.add_argument("--clip", type=float, default=None)
 parser.add_argument("--dropout", type=float, default=0.0)
@@ -43,6 +44,7 @@ parser.add_argument("--stop", default=None, help="RANK:STEP: that rank alone ask
 parser.add_argument("--sigterm", default=None, help="RANK:STEP: that rank alone gets SIGTERM during STEP")
 parser.add_argument("--sigkill", default=None, help="RANK:STEP: that rank SIGKILLs itself after STEP")
 parser.add_argument("--retries", type=int, default=2)
+parser.add_argument("--fail-write", type=int, default=None, help="RANK: writing a checkpoint fails there (disk full)")
 parser.add_argument("--device", default="cpu", help="cpu, or cuda: this rank's GPU (LOCAL_RANK) with NCCL")
 args = parser.parse_args()
 
@@ -121,6 +123,14 @@ if args.parallelism == "none" and "WORLD_SIZE" in os.environ:
     # ranks train apart but must still agree on retries and stopping.
     torch.distributed.init_process_group("gloo")
 
+if args.fail_write == RANK:
+    from mini_trainer import checkpoint
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device (simulated)")
+
+    checkpoint.write_checkpoint = disk_full
+
 counts: list[int] = []
 seen: list[dict] = []
 hooks = [Faults()]
@@ -132,7 +142,8 @@ if args.metrics:
     hooks += [LoggingHook(interval=2, sync=True), ProgressHook(interval=2, sync=True)]
 
 trainer = Run(
-    max_steps=args.steps,
+    max_steps=None if args.epochs else args.steps,
+    max_epochs=args.epochs,
     gradient_accumulation_steps=args.accum,
     grad_clip=args.clip,
     max_non_finite_grad_retries=args.retries,

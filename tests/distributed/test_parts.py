@@ -203,7 +203,7 @@ def _small_run(**kwargs):
     return trainer, seen, x
 
 
-@pytest.mark.parametrize("saved_steps, expected_epoch", [(3, 0), (5, 1)])
+@pytest.mark.parametrize("saved_steps, expected_epoch", [(3, 0), (5, 1), (7, 1), (10, 2)])
 def test_a_state_from_two_processes_continues_after_the_samples_they_consumed(saved_steps, expected_epoch):
     """A state saved by 2 ranks x 4 samples (faked here: world_size and data_position are all
     that differ) continues on 1 process x 8 at the next unseen sample of the epoch; saved at
@@ -211,8 +211,8 @@ def test_a_state_from_two_processes_continues_after_the_samples_they_consumed(sa
     saver, _, _ = _small_run(batch_size=8, max_steps=saved_steps)
     saver.train()
     state = saver.state_dict()
-    state["world_size"] = 2
-    state["data_position"] = {"epoch_start": 0, "samples": saved_steps * 8}
+    assert state["data_position"] == {"epoch_start": 0, "samples": (saved_steps - 1) % 5 * 8 + 8}  # within its epoch
+    state["world_size"] = 2  # what 2 ranks x 4 samples would have saved at the same point
     resumed, seen, x = _small_run(batch_size=8, max_steps=saved_steps + 1)
     resumed.load_state_dict(state)
     resumed.train()

@@ -101,6 +101,16 @@ def test_two_processes_with_accumulation_equal_one_process(tmp_path, one_process
         assert all(c > 0 for c in counts[1::2]), counts
 
 
+def test_fsdp_accumulation_when_the_data_ends_mid_step(tmp_path):
+    """One epoch of 12 batches per rank with 5 micro-steps per step: the third step has
+    only 2, and its last one must still reduce-scatter the gradients (FSDP2 cannot sync
+    them afterwards)."""
+    single(tmp_path / "one", "--epochs", "1", "--accum", "5", "--batch", "8")
+    torchrun(tmp_path / "two", "--epochs", "1", "--accum", "5", "--batch", "4", "--parallelism", "fsdp")
+    assert [info["step"] for info in ranks(tmp_path / "two")] == [3, 3]
+    assert max_difference(weights(tmp_path / "two"), weights(tmp_path / "one")) < 1e-6
+
+
 # ---------------------------------------------------------------- ranks agree
 
 
@@ -114,6 +124,14 @@ def test_nan_or_stop_on_one_rank_is_followed_by_every_rank(tmp_path, parallelism
     for info in ranks(tmp_path):
         assert info["step"] == 5
         assert [s["retries"] for s in info["seen"]] == [0, 0, 1, 0, 0]
+
+
+def test_a_checkpoint_write_failing_on_rank_zero_stops_every_rank(tmp_path):
+    """Rank 1 must not wait forever for a checkpoint rank 0 could not write."""
+    output = torchrun(tmp_path, "--steps", "8", "--interval", "2", "--parallelism", "ddp", "--fail-write", "0", expect_rc=None)
+    assert "No space left on device (simulated)" in output
+    assert "another rank failed while saving or loading a checkpoint" in output
+    assert not (tmp_path / "rank0.json").exists() and not (tmp_path / "rank1.json").exists()
 
 
 def test_synced_metrics_are_logged_once_by_rank_zero(tmp_path):
