@@ -247,7 +247,7 @@ class SpelaTrainer(BaseTrainer):
     def _build(self) -> None:
         if self._built:
             return
-        if distributed.get_world_size() > 1:
+        if distributed.launched_world() > 1:  # also under torchrun before the group exists
             raise NotImplementedError("SpelaTrainer does not run on several processes yet: its per-layer updates have no gradient sync")
         super()._build()
         net = self.spela_net

@@ -221,3 +221,13 @@ def test_a_state_from_two_processes_continues_after_the_samples_they_consumed(sa
     first = list(order)[(saved_steps * 8) % 40 :][:8]
     assert resumed.epoch == expected_epoch
     assert torch.equal(seen[0], x[first])
+
+
+def test_spela_refuses_to_start_under_torchrun_with_several_processes(monkeypatch):
+    from mini_trainer.strategies import SpelaTrainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # before the process group exists: what torchrun sets
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6))
+    trainer = SpelaTrainer(net, num_classes=4, device="cpu", data_loader=[(torch.randn(2, 4), torch.tensor([0, 1]))], max_steps=1)
+    with pytest.raises(NotImplementedError, match="several processes"):
+        trainer.build()
