@@ -103,8 +103,15 @@ def init_from_env(device: torch.device, timeout: float | None = None) -> bool:
 
 
 def _destroy_at_exit() -> None:
-    if is_distributed():
+    """Tear the group down while the interpreter is still whole (gloo's worker threads
+    must not outlive it), once every rank is done communicating; never raise at exit."""
+    if not is_distributed():
+        return
+    try:
+        barrier(timeout=30.0)  # a rank still sending would otherwise talk to a closed peer
         dist.destroy_process_group()
+    except Exception as err:  # noqa: BLE001 - the run's work is done; report and exit
+        logger.warning("could not tear down the process group cleanly at exit: %s", err)
 
 
 def resolve_parallelism(parallelism: str | None, model: nn.Module) -> str | None:

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,20 @@ def launch(command: list[str], timeout: float = TIMEOUT) -> tuple[int, str]:
     return process.returncode, output
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def torchrun(workspace: Path, *args: str, nproc: int = 2, expect_rc: int | None = 0) -> str:
+    for stale in [workspace / "final.safetensors", *(workspace / f"rank{r}.json" for r in range(nproc))]:
+        stale.unlink(missing_ok=True)  # left by an earlier run in this workspace
     rc, output = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(SCRIPT), str(workspace), *args])
+    finished = all((workspace / f"rank{r}.json").exists() for r in range(nproc)) and (workspace / "final.safetensors").exists()
+    if expect_rc == 0 and rc != 0 and TEARDOWN_ABORT in output and finished:
+        # Seen twice in ~150 launches on this machine, never reproduced on purpose: a C++
+        # abort while a process exits, after the run finished and wrote everything (see
+        # the README's known issues). What the tests check is intact, so it is not a failure.
+        warnings.warn(f"torchrun run finished, then a process aborted at exit ({TEARDOWN_ABORT})")
+        return output
     if expect_rc is not None:
         assert rc == expect_rc, f"torchrun exited with {rc}:\n{output[-6000:]}"
     return output
