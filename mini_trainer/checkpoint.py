@@ -508,7 +508,7 @@ def _hash_tree(directory: Path, pool: concurrent.futures.Executor, fsync: bool) 
     futures = {p.relative_to(directory).as_posix(): pool.submit(_hash_file, p, fsync) for p in paths}
     if fsync:
         _fsync_dir(directory)
-    return {rel: {"sha256": f.result()[0], "bytes": f.result()[1]} for rel, f in futures.items()}
+    return {rel: dict(zip(("sha256", "bytes"), f.result())) for rel, f in futures.items()}
 
 
 def _hash_file(path: Path, fsync: bool) -> tuple[str, int]:

@@ -305,10 +305,10 @@ class CheckpointingHook(BaseHook):
         if kind == "none":
             return
         source = Path(detail)
-        if state is None:  # every rank but 0; rank 0 verified the DCP shard files already
-            state = _agreed(lambda: checkpoint.load_checkpoint(source, verify_directories=False))
-        else:
-            _agreed(lambda: None)  # the other side of the agreement the other ranks enter
+        # Every rank but 0 reads it now (rank 0 has, and verified the DCP shard files too);
+        # all agree, so that one failing read does not leave the others waiting.
+        loaded = state
+        state = _agreed(lambda: loaded if loaded is not None else checkpoint.load_checkpoint(source, verify_directories=False))
         if kind == "own":
             self._last_saved_step = int(state["step"])
         if state.get("sharded"):
