@@ -196,6 +196,7 @@ class BaseTrainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0  # batches drawn from the current epoch
+        self.micro_step = 0  # index of the micro-batch being processed within the step
         self.step_info: dict[str, Any] = {}
         self.should_stop = False
         self.model: nn.Module = None  # type: ignore[assignment]
@@ -433,6 +434,7 @@ class BaseTrainer:
         all_records: list[Mapping[str, Any]] = []
         synced = n == 1 or not self.no_sync_accumulate
         for micro_step in range(n):
+            self.micro_step = micro_step
             fetch_start = time.perf_counter()
             batch = self._next_batch()
             info["data_time"] += time.perf_counter() - fetch_start

@@ -1,6 +1,25 @@
 """Training strategies: BaseTrainer subclasses that change how a step learns."""
 
 from .class_vectors import class_vectors, min_pairwise_angle
+from .compression import TernaryGradientAccumulator, VSAGradientCompressor, reconstruction_cosine, ternarize
+from .phase import LeastSquaresPredictor, MomentumPredictor, Phase, PhaseConfig, PhaseController, PhaseTrainer, StepInfo
 from .spela import SpelaConfig, SpelaNet, SpelaTrainer
 
-__all__ = ["SpelaConfig", "SpelaNet", "SpelaTrainer", "class_vectors", "min_pairwise_angle"]
+__all__ = [
+    "SpelaConfig",
+    "SpelaNet",
+    "SpelaTrainer",
+    "class_vectors",
+    "min_pairwise_angle",
+    "Phase",
+    "PhaseConfig",
+    "PhaseController",
+    "PhaseTrainer",
+    "StepInfo",
+    "LeastSquaresPredictor",
+    "MomentumPredictor",
+    "TernaryGradientAccumulator",
+    "VSAGradientCompressor",
+    "ternarize",
+    "reconstruction_cosine",
+]
