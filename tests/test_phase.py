@@ -291,3 +291,13 @@ def test_phase_trainer_refuses_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(NotImplementedError, match="one process"):
         Classifier(max_steps=1, device="cpu").build()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_predict_steps_step_like_real_ones(precision):
+    trainer = Classifier(max_steps=30, device="cpu", seed=0, mixed_precision=precision, warmup_steps=2, full_steps=2, predict_steps=6)
+    result = trainer.fit()
+    assert math.isfinite(result["loss"]) and result["loss"] < 1.2
+    assert trainer.get_stats()["predict_steps"] >= 10
+    if precision == "fp16":  # predictions were scaled like real gradients, so unscaling gave them back
+        assert trainer.grad_scaler.get_scale() > 1.0

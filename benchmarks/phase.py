@@ -1,0 +1,130 @@
+"""PhaseTrainer (`mini_trainer.strategies.PhaseTrainer`) against plain backprop: wall time
+to the same training loss, backward passes, test accuracy.
+
+Two tasks, each trained twice in this one process with the same seed, data order and
+optimizer (Adam 1e-3, batch 64, one CPU thread), once by `BaseTrainer` (backprop every
+step) and once by `PhaseTrainer` with its default `PhaseConfig` (warmup 10, full 5,
+predict 20, correct every 5, least squares over 8 gradients):
+  - "digits": scikit-learn digits, MLP 64-256-256-10 (`--steps`, default 1500).
+  - "deep": the same data through a deeper, wider MLP 64-[1024]x6-10, where backward is
+    most of a step (`--deep-steps`, default 400).
+Each run records every step's training loss (on the device, read once at the end) and the
+wall clock after every step. The target is the baseline's final training loss, smoothed
+(mean of its last 50 steps); "time to loss" is the wall time at which a run's 50-step
+moving average first reaches it. Printed: one JSON object with, for the digits task,
+`backward_ratio` (PhaseTrainer's backward passes / the baseline's), `speedup_to_loss`
+(baseline time / PhaseTrainer time to the target, 0 if never reached), `acc_baseline`,
+`acc_phase` (test accuracy), and the same for the deep task under `deep_*`, plus the
+raw times.
+
+    python benchmarks/phase.py [--steps 1500] [--deep-steps 400] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mini_trainer import BaseTrainer
+from mini_trainer.datasets import digits_loaders
+from mini_trainer.strategies import PhaseTrainer
+
+WINDOW = 50
+
+
+def mlp(widths: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def train(kind: str, widths: list[int], steps: int, seed: int) -> dict:
+    loaders = digits_loaders(batch_size=64, seed=0)
+    torch.manual_seed(seed)
+    model = mlp(widths)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses: list[torch.Tensor | None] = []
+    clock: list[float] = []
+
+    def forward(model: nn.Module, batch) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    common = dict(model=model, optimizer=optimizer, data_loader=loaders["train"], forward_fn=forward,
+                  max_steps=steps, device="cpu", seed=seed, grad_clip=1.0)
+    trainer = BaseTrainer(**common) if kind == "baseline" else PhaseTrainer(**common)
+    trainer.build()
+
+    def record(t: BaseTrainer) -> None:
+        losses.append(t.step_info["loss"])
+        clock.append(time.perf_counter())
+
+    trainer._hooks_for["on_after_step"].append(record)  # no hook class: the cheapest observer
+    start = time.perf_counter()
+    trainer.train()
+    times = [c - start for c in clock]
+    values = torch.stack([l.float() for l in losses]).tolist()
+    x, y = loaders["test"].dataset.tensors
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == y).float().mean().item()
+    backward = steps if kind == "baseline" else trainer.controller.backward_steps
+    return {"losses": values, "times": times, "accuracy": accuracy, "backward": backward, "total": times[-1]}
+
+
+def moving_average(values: list[float]) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= WINDOW:
+            total -= values[i - WINDOW]
+        out.append(total / min(i + 1, WINDOW))
+    return out
+
+
+def time_to(target: float, run: dict) -> float | None:
+    for i, value in enumerate(moving_average(run["losses"])):
+        if i + 1 >= WINDOW and value <= target:
+            return run["times"][i]
+    return None
+
+
+def compare(widths: list[int], steps: int, seed: int) -> dict:
+    baseline = train("baseline", widths, steps, seed)
+    phase = train("phase", widths, steps, seed)
+    target = moving_average(baseline["losses"])[-1]
+    reached = time_to(target, phase)
+    return {
+        "backward_ratio": round(phase["backward"] / baseline["backward"], 4),
+        "speedup_to_loss": round(baseline["total"] / reached, 4) if reached else 0.0,
+        "acc_baseline": round(baseline["accuracy"], 4),
+        "acc_phase": round(phase["accuracy"], 4),
+        "target_loss": round(target, 5),
+        "phase_final_loss": round(moving_average(phase["losses"])[-1], 5),
+        "baseline_s": round(baseline["total"], 3),
+        "phase_s": round(phase["total"], 3),
+        "phase_time_to_loss_s": round(reached, 3) if reached else None,
+        "step_time_ratio": round(phase["total"] / baseline["total"], 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--deep-steps", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    digits = compare([64, 256, 256, 10], args.steps, args.seed)
+    deep = compare([64] + [1024] * 6 + [10], args.deep_steps, args.seed)
+    print(json.dumps({**digits, **{f"deep_{k}": v for k, v in deep.items()}, "steps": args.steps, "deep_steps": args.deep_steps}))
+
+
+if __name__ == "__main__":
+    main()
