@@ -94,6 +94,14 @@ def test_least_squares_predicts_a_linear_trend_exactly():
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_without_extrapolation_the_fit_at_the_newest_gradient_is_predicted():
+    predictor = LeastSquaresPredictor(PhaseConfig(history_window=5, extrapolate=False))
+    for step in range(6):
+        predictor.record(trajectory(step), step)
+    for got, expected in zip(predictor.predict(20), trajectory(5)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_least_squares_with_one_gradient_repeats_it_and_corrects_with_a_residual():
     config = PhaseConfig(residual_decay=0.5)
     predictor = LeastSquaresPredictor(config)
@@ -301,3 +309,15 @@ def test_mixed_precision_predict_steps_step_like_real_ones(precision):
     assert trainer.get_stats()["predict_steps"] >= 10
     if precision == "fp16":  # predictions were scaled like real gradients, so unscaling gave them back
         assert trainer.grad_scaler.get_scale() > 1.0
+
+
+def test_prediction_quality_is_measured_on_correct_steps():
+    controller = PhaseController(PhaseConfig(warmup_steps=2, full_steps=2, predict_steps=4, correct_every=2))
+    for step in range(12):
+        controller.begin_step()
+        if controller.should_compute_full():
+            controller.record_full_gradients(trajectory(step))  # a linear trend: predicted exactly
+        controller.end_step(1.0)
+    stats = controller.get_stats()
+    assert stats["correct_steps"] >= 2
+    assert stats["mean_correct_cosine"] == pytest.approx(1.0, abs=1e-5)

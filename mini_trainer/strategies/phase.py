@@ -69,6 +69,9 @@ class PhaseConfig:
             micro-steps' gradients as packed trits between micro-steps (stochastic,
             unbiased) instead of float32.
         skip_forward: PREDICT steps do not run the model at all (no loss is reported).
+        extrapolate: least squares predicts b + v dt (the crate); False predicts the fitted
+            value at the newest gradient, b, for every step (no extrapolation of the
+            minibatch noise along the slope).
         seed: seeds the stochastic quantisation and the VSA projection.
     """
 
@@ -89,6 +92,7 @@ class PhaseConfig:
     vsa_dim_ratio: float = 0.25
     ternary_accumulation: bool = False
     skip_forward: bool = False
+    extrapolate: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,7 +115,7 @@ class PhaseConfig:
             raise ValueError(f"PhaseConfig.predictor must be one of {_PREDICTORS}; got {self.predictor!r}")
         if self.history_storage not in _STORAGE:
             raise ValueError(f"PhaseConfig.history_storage must be one of {_STORAGE}; got {self.history_storage!r}")
-        for name in ("adaptive_phases", "ternary_accumulation", "skip_forward"):
+        for name in ("adaptive_phases", "ternary_accumulation", "skip_forward", "extrapolate"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"PhaseConfig.{name} must be True or False; got {getattr(self, name)!r}")
 
@@ -129,19 +133,30 @@ class StepInfo:
 
 
 class _History:
-    """The last `window` full gradients with their step, stored as configured."""
+    """The last `window` full gradients with their step, stored as configured. Float
+    copies live in one ring buffer per parameter, shaped (window, *shape): recording is a
+    copy into a slot, and a fit is one matrix product per parameter over all slots."""
 
     def __init__(self, window: int, storage: str, seed: int) -> None:
+        self.window = window
         self.entries: deque[tuple[int, Any]] = deque(maxlen=window)
         self.storage = storage
         self.vsa = VSAGradientCompressor(seed=seed) if storage == "vsa" else None
+        self.buffers: list[torch.Tensor] = []  # "full" storage: the ring buffers
+        self._next_slot = 0
         self._like: list[torch.Tensor] = []
         self._generator = torch.Generator().manual_seed(seed)
 
     def add(self, step: int, grads: Sequence[torch.Tensor]) -> None:
         self._like = [torch.empty((), dtype=g.dtype, device=g.device).expand(g.shape) for g in grads]
         if self.storage == "full":
-            stored: Any = [g.detach().clone() for g in grads]
+            if [b.shape[1:] for b in self.buffers] != [g.shape for g in grads]:
+                self.buffers = [torch.zeros((self.window, *g.shape), dtype=g.dtype, device=g.device) for g in grads]
+                self.entries.clear()
+                self._next_slot = 0
+            stored: Any = self._next_slot
+            self._next_slot = (self._next_slot + 1) % self.window
+            torch._foreach_copy_([b[stored] for b in self.buffers], [g.detach() for g in grads])
         elif self.storage == "ternary":
             stored = [ternarize(g, "stochastic", generator=self._generator if g.device.type == "cpu" else None) for g in grads]
         else:
@@ -151,7 +166,7 @@ class _History:
 
     def tensors(self, stored: Any) -> list[torch.Tensor]:
         if self.storage == "full":
-            return stored
+            return [b[stored] for b in self.buffers]  # views: valid until that slot is reused
         if self.storage == "ternary":
             return [code.decode() for code in stored]
         assert self.vsa is not None
@@ -165,7 +180,7 @@ class _History:
         total = 0
         for _, stored in self.entries:
             if self.storage == "full":
-                total += sum(t.numel() * t.element_size() for t in stored)
+                total += sum(b[stored].numel() * b.element_size() for b in self.buffers)
             elif self.storage == "ternary":
                 total += sum(code.nbytes for code in stored)
             else:
@@ -175,7 +190,7 @@ class _History:
     def state_dict(self) -> dict[str, Any]:
         def encode(stored: Any) -> Any:
             if self.storage == "full":
-                return list(stored)
+                return [b[stored].clone() for b in self.buffers]
             if self.storage == "ternary":
                 return [_code_state(c) for c in stored]
             return {"code": _code_state(stored.code), "slot": stored.slot}
@@ -197,13 +212,25 @@ class _History:
             return VSACode(_code_from_state(value["code"], device), value["slot"])
 
         self.entries.clear()
+        self.buffers, self._next_slot = [], 0
         for step, value in zip(state["steps"], state["entries"]):
-            self.entries.append((int(step), decode(value)))
+            if self.storage == "full":
+                self.add(int(step), decode(value))  # back into slots 0, 1, ... in order
+            else:
+                self.entries.append((int(step), decode(value)))
         self._like = [
             torch.empty((), dtype=getattr(torch, dtype), device=device).expand(shape)
             for shape, dtype in zip(state["like"], state["dtypes"])
         ]
         self._generator.set_state(state["generator"].clone())
+
+
+def _cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Cosine similarity of two gradient lists taken as one vector (a device scalar)."""
+    dot = torch.stack([(x.float() * y.float()).sum() for x, y in zip(a, b)]).sum()
+    norm_a = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([x.float() for x in a])))
+    norm_b = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([y.float() for y in b])))
+    return dot / (norm_a * norm_b).clamp_min(1e-30)
 
 
 def _code_state(code: TernaryCode) -> dict[str, Any]:
@@ -261,6 +288,19 @@ class LeastSquaresPredictor:
 
     def fit(self, step: int) -> None:
         c, d = self.coefficients()
+        if self.history.storage == "full":
+            # b and v for every element of a parameter at once: (2 x window) @ (window x numel).
+            weights = torch.zeros(2, self.history.window)
+            for (_, slot), ci, di in zip(self.history.entries, c, d):
+                weights[0, slot], weights[1, slot] = ci, di
+            self.base, self.slope = [], []
+            for buffer in self.history.buffers:
+                both = torch.mm(weights.to(buffer.device, buffer.dtype), buffer.reshape(self.history.window, -1))
+                self.base.append(both[0].reshape(buffer.shape[1:]))
+                self.slope.append(both[1].reshape(buffer.shape[1:]))
+            self.fitted_at = step
+            self._stale_at = None
+            return
         base: list[torch.Tensor] | None = None
         slope: list[torch.Tensor] | None = None
         for (_, stored), ci, di in zip(self.history.entries, c, d):
@@ -279,7 +319,8 @@ class LeastSquaresPredictor:
         self._ensure_fit()
         assert self.base is not None and self.slope is not None
         newest = self.history.entries[-1][0]
-        return torch._foreach_add(self.base, self.slope, alpha=float(step - newest))
+        dt = float(step - newest) if self.config.extrapolate else 0.0
+        return torch._foreach_add(self.base, self.slope, alpha=dt)
 
     def predict(self, step: int) -> list[torch.Tensor]:
         if not len(self.history):
@@ -410,6 +451,8 @@ class PhaseController:
         self.loss_sums: dict[Phase, Any] = {phase: 0.0 for phase in Phase}
         self.recent_losses: deque[Any] = deque(maxlen=100)
         self.early_correct = False
+        self.cosine_sum: Any = 0.0
+        self.cosine_count = 0
         self._last_error: list[torch.Tensor] | None = None
 
     def _warmup_length(self) -> int:
@@ -474,6 +517,9 @@ class PhaseController:
     def record_full_gradients(self, grads: Sequence[torch.Tensor]) -> None:
         """The real gradients of this step (WARMUP, FULL or CORRECT)."""
         if self.phase is Phase.CORRECT and self._has_history():
+            # How good the predictions are: cosine(predicted, actual), kept on the device.
+            self.cosine_sum = self.cosine_sum + _cosine(self.predictor.predict(self.total_step), grads)
+            self.cosine_count += 1
             self._last_error = self.predictor.correct(grads, self.total_step)
             ratio = self.predictor.residual_ratio()
             # One host read per CORRECT step (not per step): is the residual too big to wait?
@@ -525,6 +571,8 @@ class PhaseController:
             "current_predict_steps": self.predict_steps,
             "history_bytes": self.predictor.history.nbytes,
         }
+        if self.cosine_count:
+            stats["mean_correct_cosine"] = float(self.cosine_sum) / self.cosine_count
         for phase in Phase:
             if self.counts[phase] and not isinstance(self.loss_sums[phase], float):
                 stats[f"mean_loss_{phase.value}"] = float(self.loss_sums[phase]) / self.counts[phase]
@@ -546,6 +594,8 @@ class PhaseController:
             "loss_sums": {p.value: torch.as_tensor(v, dtype=torch.float32).cpu() for p, v in self.loss_sums.items()},
             "recent_losses": [torch.as_tensor(v, dtype=torch.float32).cpu() for v in self.recent_losses],
             "early_correct": self.early_correct,
+            "cosine_sum": torch.as_tensor(self.cosine_sum, dtype=torch.float32).cpu(),
+            "cosine_count": self.cosine_count,
             "predictor": self.predictor.state_dict(),
         }
 
@@ -561,6 +611,8 @@ class PhaseController:
         self.loss_sums = {p: state["loss_sums"][p.value].to(device) for p in Phase}
         self.recent_losses = deque((v.to(device) for v in state["recent_losses"]), maxlen=100)
         self.early_correct = bool(state["early_correct"])
+        self.cosine_sum = state["cosine_sum"].to(device)
+        self.cosine_count = int(state["cosine_count"])
         self._last_error = None
         self.predictor.load_state_dict(state["predictor"], device)
 
