@@ -527,6 +527,7 @@ class BaseTrainer:
             if not finite:
                 self.optimizer.zero_grad(set_to_none=True)
                 return False
+        self.gradients_ready(skipped=overflowed)
         self.step_info["lr"] = self.optimizer.param_groups[0]["lr"]
         if scaler is not None:
             scaler.step(self.optimizer)
@@ -538,6 +539,12 @@ class BaseTrainer:
         if self.lr_scheduler is not None and not overflowed:
             self.lr_scheduler.step()
         return True
+
+    def gradients_ready(self, skipped: bool) -> None:
+        """Called when a step's gradients are final (unscaled, clipped, found finite), just
+        before the optimizer uses them; `skipped` when an fp16 overflow makes the scaler
+        skip this update. Does nothing here; a subclass may read them (PhaseTrainer records
+        them for its predictor)."""
 
     def _clip_and_measure_gradients(self) -> torch.Tensor | None:
         """Global gradient norm (after unscaling), clipping in place when `grad_clip` is set.

@@ -321,3 +321,19 @@ def test_prediction_quality_is_measured_on_correct_steps():
     stats = controller.get_stats()
     assert stats["correct_steps"] >= 2
     assert stats["mean_correct_cosine"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_retried_non_finite_step_leaves_no_trace_in_the_history():
+    class OneNaN(Classifier):
+        def forward(self, batch):
+            loss, records = super().forward(batch)
+            if self.step == 1 and self.step_info["retries"] == 0:
+                loss = loss * float("nan")
+            return loss, records
+
+    trainer = OneNaN(max_steps=20, device="cpu", seed=0, max_non_finite_grad_retries=1, warmup_steps=2, full_steps=2, predict_steps=6)
+    result = trainer.fit()
+    assert math.isfinite(result["loss"]) and result["retries"] > 0
+    history = trainer.controller.predictor.history
+    assert all(torch.isfinite(t).all() for _, slot in history.entries for t in history.tensors(slot))
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -669,11 +669,8 @@ class PhaseTrainer(BaseTrainer):
         self._predicting = not self.controller.should_compute_full()
         if not self._predicting:
             ok = super()._accumulate_gradients(info)
-            if ok:
-                params = self._optimized_params()
-                if self._accumulator is not None and self._accumulator.codes is not None:
-                    self._finish_ternary_accumulation(params)
-                self.controller.record_full_gradients([_grad_or_zeros(p) for p in params])
+            if ok and self._accumulator is not None and self._accumulator.codes is not None:
+                self._finish_ternary_accumulation(self._optimized_params())
         elif self.phase_config.skip_forward:
             ok = self._draw_batches(info)
         else:
@@ -732,6 +729,12 @@ class PhaseTrainer(BaseTrainer):
         info["records"] = {}
         info["micro_steps"] = 0
         return drawn > 0
+
+    def gradients_ready(self, skipped: bool) -> None:
+        # The real gradients are recorded once they are final: unscaled (fp16), clipped as
+        # the optimizer will use them, and finite (a step that is retried records nothing).
+        if not self._predicting and not skipped:
+            self.controller.record_full_gradients([_grad_or_zeros(p) for p in self._optimized_params()])
 
     def optimizer_step(self) -> bool:
         took = super().optimizer_step()
