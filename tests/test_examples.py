@@ -74,3 +74,11 @@ def test_distributed_example_runs_on_one_process_too():
     out = run_example("distributed_torchrun.py")
     assert "processes 1 parallel None" in out
     assert float(re.search(r"^test_accuracy (\d\.\d{4})$", out, re.M).group(1)) > 0.93
+
+
+@pytest.mark.slow
+def test_phase_example_skips_most_backward_passes_and_learns():
+    out = run_example("phase_digits.py")
+    steps, with_backward = map(int, re.search(r"^steps (\d+) with_backward (\d+)", out, re.M).groups())
+    assert with_backward < 0.5 * steps
+    assert float(re.search(r"^test_accuracy (\d\.\d{4})$", out, re.M).group(1)) > 0.93

@@ -75,7 +75,13 @@ def test_adaptive_lengths_follow_the_loss():
         falling.begin_step()
         falling.end_step(0.9**i)
     falling.begin_step()
-    assert (falling.full_steps, falling.predict_steps) == (3, 23)
+    # -1 full step (the crate's floor of 3 is not applied above the 2 asked for), +3 predict.
+    assert (falling.full_steps, falling.predict_steps) == (2, 23)
+    disabled = PhaseController(PhaseConfig(warmup_steps=0, full_steps=2, predict_steps=0, adaptive_phases=True))
+    for i in range(30):
+        disabled.begin_step()
+        disabled.end_step(1.1**i)
+    assert disabled.predict_steps == 0 and disabled.get_stats()["predict_steps"] == 0
 
 
 def trajectory(t: float) -> list[torch.Tensor]:
@@ -132,6 +138,10 @@ def test_compressed_history_is_smaller(storage):
         small.record(grads, step)
     ratio = small.history.nbytes / full.history.nbytes
     assert ratio < (1 / 15 if storage == "ternary" else 1 / 60)
+    if storage == "vsa":  # the hypervector size follows vsa_dim_ratio
+        larger = LeastSquaresPredictor(PhaseConfig(history_window=4, history_storage="vsa", vsa_dim_ratio=1.0))
+        larger.record(grads, 0)
+        assert larger.history.nbytes > 3.5 * small.history.nbytes / 4
     # The price: each stored gradient is only ~0.4-0.55 cosine-similar to the real one here.
     assert reconstruction_cosine(grads, small.predict(4)) > (0.4 if storage == "ternary" else 0.3)
 
@@ -239,7 +249,7 @@ def test_resume_is_exact(tmp_path, options):
     def run(workspace, steps):
         hooks = [CheckpointingHook(interval=7, path="ckpt")]
         trainer = Classifier(max_steps=steps, device="cpu", seed=0, workspace=workspace, hooks=hooks,
-                             warmup_steps=2, full_steps=2, predict_steps=6, correct_every=4, **options)
+                             warmup_steps=2, full_steps=2, predict_steps=6, correct_every=4, history_window=3, **options)
         trainer.train()
         return trainer
 
@@ -299,6 +309,69 @@ def test_phase_trainer_refuses_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(NotImplementedError, match="one process"):
         Classifier(max_steps=1, device="cpu").build()
+
+
+def test_fp16_predictions_reach_the_optimizer_unscaled(tmp_path):
+    seen = []
+
+    class Watch(Classifier):
+        def gradients_ready(self, skipped):
+            if self._predicting:
+                expected = self.controller.predicted_gradients()
+                seen.append(all(torch.allclose(p.grad, e, rtol=1e-5, atol=1e-7) for p, e in zip(self._optimized_params(), expected)))
+            super().gradients_ready(skipped)
+
+    config = dict(device="cpu", seed=0, mixed_precision="fp16", warmup_steps=2, full_steps=2, predict_steps=6, max_grad_norm=None)
+    Watch(max_steps=12, **config).train()
+    assert len(seen) >= 5 and all(seen)
+    # Saved during PREDICT, resumed into PREDICT: the scaler's scale is set up before use.
+    first = Classifier(max_steps=6, workspace=tmp_path, hooks=[CheckpointingHook(path="ckpt")], **config)
+    first.train()
+    again = Classifier(max_steps=9, workspace=tmp_path, hooks=[CheckpointingHook(path="ckpt")], **config)
+    again.train()
+    assert again.step == 9
+
+
+def test_parameters_without_gradients_get_no_predicted_gradient():
+    class WithUnused(Classifier):
+        def build_model(self):
+            model = super().build_model()
+            model.register_parameter("unused", nn.Parameter(torch.randn(2, 2)))  # not in forward
+            return model
+
+        def build_optimizer(self):
+            return torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.1)
+
+    trainer = WithUnused(max_steps=12, device="cpu", seed=0, warmup_steps=2, full_steps=2, predict_steps=6)
+    trainer.build()
+    before = trainer.model.unused.detach().clone()
+    trainer.train()
+    assert trainer.get_stats()["predict_steps"] >= 5
+    assert torch.equal(trainer.model.unused, before)  # no weight decay, no update
+
+
+def test_ternary_accumulation_keeps_the_average_when_an_epoch_ends_mid_step():
+    class Counting(Classifier):
+        def build_data_loader(self):
+            return tensor_loader(*make_data(n=32 * 8), batch_size=32, seed=1)  # 8 batches
+
+    def last_step_gradient(ternary: bool):
+        grads = []
+
+        class Grab(Counting):
+            def gradients_ready(self, skipped):
+                grads.append(torch.cat([p.grad.reshape(-1) for p in self._optimized_params()]))
+                super().gradients_ready(skipped)
+
+        trainer = Grab(max_epochs=1, device="cpu", seed=0, gradient_accumulation_steps=3, ternary_accumulation=ternary,
+                       warmup_steps=3, max_grad_norm=None)
+        trainer.train()
+        assert trainer.step == 3  # 3 + 3 + 2 micro-steps
+        return grads[-1]
+
+    exact, quantised = last_step_gradient(False), last_step_gradient(True)
+    ratio = (quantised @ exact / exact.norm() ** 2).item()
+    assert 0.8 < ratio < 1.2  # the same scale (it was 0.66 when the rescale missed the accumulator)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

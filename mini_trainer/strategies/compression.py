@@ -55,8 +55,11 @@ class TernaryCode:
         return (trits * self.scale).reshape(self.shape).to(self.dtype)
 
 
-def ternarize(g: torch.Tensor, mode: str = "stochastic", threshold: float = 0.5, generator: torch.Generator | None = None) -> TernaryCode:
-    """Quantise `g` to a packed `TernaryCode` (see the module docstring for the modes)."""
+def ternarize(
+    g: torch.Tensor, mode: str = "stochastic", threshold: float | torch.Tensor = 0.5, generator: torch.Generator | None = None
+) -> TernaryCode:
+    """Quantise `g` to a packed `TernaryCode` (see the module docstring for the modes;
+    `threshold` may be a device scalar, so that no value is read back to the host)."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}; got {mode!r}")
     flat = g.detach().reshape(-1).float()
@@ -94,7 +97,8 @@ class TernaryGradientAccumulator:
         check_int("TernaryGradientAccumulator.seed", seed)
         self.mode = mode
         self.threshold = float(threshold)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generator: torch.Generator | None = None  # on the gradients' device, made at first use
         self.codes: list[TernaryCode] | None = None
         self.count = 0
 
@@ -107,8 +111,21 @@ class TernaryGradientAccumulator:
         self.count += 1
 
     def _quantize(self, g: torch.Tensor) -> TernaryCode:
-        generator = self.generator if g.device.type == "cpu" else None
-        return ternarize(g, self.mode, self.threshold, generator)
+        if self.generator is None or self.generator.device.type != g.device.type:
+            self.generator = torch.Generator(device=g.device).manual_seed(self.seed)
+        return ternarize(g, self.mode, self.threshold, self.generator)
+
+    def state_dict(self) -> dict:
+        """The quantiser's RNG (the running sum is empty between optimizer steps)."""
+        if self.generator is None:
+            return {"generator": None, "device": None}
+        return {"generator": self.generator.get_state(), "device": self.generator.device.type}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator = None
+        if state.get("generator") is not None:
+            self.generator = torch.Generator(device=state["device"])
+            self.generator.set_state(state["generator"].clone())
 
     def total(self) -> list[torch.Tensor] | None:
         return None if self.codes is None else [code.decode() for code in self.codes]
@@ -149,13 +166,18 @@ class VSAGradientCompressor:
         self.dim_ratio = float(dim_ratio)
         self.seed = seed
         self.threshold = float(threshold)
-        self._layout: tuple[tuple[torch.Size, ...], int, int] | None = None
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor, int] | None = None
 
     def _projection(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Bucket and sign of each of the n coordinates, drawn from the seed (the last
+        one drawn is kept: N int32 + N int8, much less than one float32 gradient)."""
+        if self._cache is not None and self._cache[0] == n and self._cache[1] == device:
+            return self._cache[2], self._cache[3], self._cache[4]
         dim = max(1, int(round(self.dim_ratio * n)))
         generator = torch.Generator().manual_seed(self.seed)
-        buckets = torch.randint(0, dim, (n,), generator=generator).to(device)
-        signs = (torch.randint(0, 2, (n,), generator=generator) * 2 - 1).to(device=device, dtype=torch.float32)
+        buckets = torch.randint(0, dim, (n,), generator=generator, dtype=torch.int32).to(device)
+        signs = (torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8) * 2 - 1).to(device)
+        self._cache = (n, device, buckets, signs, dim)
         return buckets, signs, dim
 
     def _key(self, slot: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -164,9 +186,7 @@ class VSAGradientCompressor:
 
     def compress(self, grads: Sequence[torch.Tensor], slot: int | None = None) -> VSACode:
         flat = torch.cat([g.detach().reshape(-1).float() for g in grads])
-        shapes = tuple(g.shape for g in grads)
         buckets, signs, dim = self._projection(flat.numel(), flat.device)
-        self._layout = (shapes, flat.numel(), dim)
         projected = torch.zeros(dim, device=flat.device).index_add_(0, buckets, flat * signs)
         if slot is not None:
             projected = projected * self._key(slot, dim, flat.device)
@@ -176,7 +196,7 @@ class VSAGradientCompressor:
         """Keep the slots above `threshold` x their mean magnitude (the crate's rule)."""
         magnitude = projected.abs()
         relative = self.threshold * magnitude.mean() / magnitude.max().clamp_min(1e-30)
-        return ternarize(projected, "threshold", float(relative))
+        return ternarize(projected, "threshold", relative)  # a device scalar: no host read
 
     def decompress(self, code: VSACode, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Tensors shaped like `like` (the gradients' shapes and dtype)."""
@@ -187,7 +207,7 @@ class VSAGradientCompressor:
             raise ValueError(f"this code has {projected.numel()} dimensions; gradients of {n} values need {dim}")
         if code.slot is not None:
             projected = projected * self._key(code.slot, dim, projected.device)
-        flat = projected[buckets] * signs
+        flat = projected[buckets.long()] * signs
         out, offset = [], 0
         for t in like:
             out.append(flat[offset : offset + t.numel()].reshape(t.shape).to(t.dtype))

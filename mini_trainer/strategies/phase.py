@@ -136,15 +136,16 @@ class _History:
     copies live in one ring buffer per parameter, shaped (window, *shape): recording is a
     copy into a slot, and a fit is one matrix product per parameter over all slots."""
 
-    def __init__(self, window: int, storage: str, seed: int) -> None:
+    def __init__(self, window: int, storage: str, seed: int, vsa_dim_ratio: float = 0.25) -> None:
         self.window = window
         self.entries: deque[tuple[int, Any]] = deque(maxlen=window)
         self.storage = storage
-        self.vsa = VSAGradientCompressor(seed=seed) if storage == "vsa" else None
+        self.seed = seed
+        self.vsa = VSAGradientCompressor(dim_ratio=vsa_dim_ratio, seed=seed) if storage == "vsa" else None
         self.buffers: list[torch.Tensor] = []  # "full" storage: the ring buffers
         self._next_slot = 0
         self._like: list[torch.Tensor] = []
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator: torch.Generator | None = None  # on the gradients' device, made at first use
 
     def add(self, step: int, grads: Sequence[torch.Tensor]) -> None:
         self._like = [torch.empty((), dtype=g.dtype, device=g.device).expand(g.shape) for g in grads]
@@ -157,11 +158,18 @@ class _History:
             self._next_slot = (self._next_slot + 1) % self.window
             torch._foreach_copy_([b[stored] for b in self.buffers], [g.detach() for g in grads])
         elif self.storage == "ternary":
-            stored = [ternarize(g, "stochastic", generator=self._generator if g.device.type == "cpu" else None) for g in grads]
+            generator = self._generator_on(grads[0].device)
+            stored = [ternarize(g, "stochastic", generator=generator) for g in grads]
         else:
             assert self.vsa is not None
             stored = self.vsa.compress(grads)
         self.entries.append((step, stored))
+
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        """The quantiser's own RNG (the user's random streams stay untouched)."""
+        if self._generator is None or self._generator.device.type != device.type:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
 
     def tensors(self, stored: Any) -> list[torch.Tensor]:
         if self.storage == "full":
@@ -197,9 +205,12 @@ class _History:
         return {
             "steps": [step for step, _ in self.entries],
             "entries": [encode(stored) for _, stored in self.entries],
+            "slots": [stored for _, stored in self.entries] if self.storage == "full" else [],
+            "next_slot": self._next_slot,
             "like": [list(t.shape) for t in self._like],
             "dtypes": [str(t.dtype).removeprefix("torch.") for t in self._like],
-            "generator": self._generator.get_state(),
+            "generator": self._generator.get_state() if self._generator is not None else None,
+            "generator_device": self._generator.device.type if self._generator is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
@@ -211,17 +222,25 @@ class _History:
             return VSACode(_code_from_state(value["code"], device), value["slot"])
 
         self.entries.clear()
-        self.buffers, self._next_slot = [], 0
-        for step, value in zip(state["steps"], state["entries"]):
-            if self.storage == "full":
-                self.add(int(step), decode(value))  # back into slots 0, 1, ... in order
-            else:
-                self.entries.append((int(step), decode(value)))
         self._like = [
             torch.empty((), dtype=getattr(torch, dtype), device=device).expand(shape)
             for shape, dtype in zip(state["like"], state["dtypes"])
         ]
-        self._generator.set_state(state["generator"].clone())
+        self.buffers = []
+        if self.storage == "full" and state["steps"]:
+            # Back into the very slots they had: a fit adds the slots in buffer order.
+            self.buffers = [torch.zeros((self.window, *t.shape), dtype=t.dtype, device=device) for t in self._like]
+        for step, value, slot in zip(state["steps"], state["entries"], state["slots"] or [None] * len(state["steps"])):
+            if self.storage == "full":
+                torch._foreach_copy_([b[slot] for b in self.buffers], decode(value))
+                self.entries.append((int(step), int(slot)))
+            else:
+                self.entries.append((int(step), decode(value)))
+        self._next_slot = int(state["next_slot"])
+        self._generator = None
+        if state.get("generator") is not None:
+            self._generator = torch.Generator(device=state["generator_device"])
+            self._generator.set_state(state["generator"].clone())
 
 
 def _cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -253,7 +272,7 @@ class LeastSquaresPredictor:
 
     def __init__(self, config: PhaseConfig) -> None:
         self.config = config
-        self.history = _History(config.history_window, config.history_storage, config.seed)
+        self.history = _History(config.history_window, config.history_storage, config.seed, config.vsa_dim_ratio)
         self.base: list[torch.Tensor] | None = None
         self.slope: list[torch.Tensor] | None = None
         self.residual: list[torch.Tensor] | None = None
@@ -378,7 +397,7 @@ class MomentumPredictor:
 
     def __init__(self, config: PhaseConfig) -> None:
         self.config = config
-        self.history = _History(2, config.history_storage, config.seed)
+        self.history = _History(2, config.history_storage, config.seed, config.vsa_dim_ratio)
 
     def record(self, grads: Sequence[torch.Tensor], step: int) -> None:
         self.history.add(step, grads)
@@ -448,6 +467,7 @@ class PhaseController:
         self.cycle = 0
         self.counts = {phase: 0 for phase in Phase}
         self.loss_sums: dict[Phase, Any] = {phase: 0.0 for phase in Phase}
+        self.loss_counts = {phase: 0 for phase in Phase}  # steps that reported a loss
         self.recent_losses: deque[Any] = deque(maxlen=100)
         self.early_correct = False
         self.cosine_sum: Any = 0.0
@@ -486,6 +506,7 @@ class PhaseController:
                 if old is not Phase.WARMUP:
                     self.cycle += 1
                 self.phase_step = 0
+                self.early_correct = False  # FULL refits on fresh gradients anyway
                 if self.config.adaptive_phases:
                     self._adapt_lengths()
             elif new is Phase.PREDICT and old is Phase.FULL:
@@ -499,14 +520,18 @@ class PhaseController:
         than 5% -> fewer full, more predict steps (the deterministic trainer's bounds)."""
         if len(self.recent_losses) < 20:
             return
-        losses = torch.stack([torch.as_tensor(l, dtype=torch.float32).cpu() for l in self.recent_losses])
-        early, late = losses[:10].mean().item(), losses[-10:].mean().item()
+        values = list(self.recent_losses)
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        losses = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values])
+        early, late = torch.stack([losses[:10].mean(), losses[-10:].mean()]).tolist()  # one read per cycle
+        # The crate's bounds, never past what the config asked for (predict_steps=0 stays 0).
+        lowest_full, lowest_predict = min(3, self.config.full_steps), min(5, self.config.predict_steps)
         if late > early * (1.0 + self.config.loss_threshold):
-            self.full_steps = min(self.full_steps + 2, 30)
-            self.predict_steps = max(self.predict_steps - 5, 5)
+            self.full_steps = min(self.full_steps + 2, max(30, self.config.full_steps))
+            self.predict_steps = max(self.predict_steps - 5, lowest_predict)
         elif late < early * 0.95:
-            self.full_steps = max(self.full_steps - 1, 3)
-            self.predict_steps = min(self.predict_steps + 3, 50)
+            self.full_steps = max(self.full_steps - 1, lowest_full)
+            self.predict_steps = min(self.predict_steps + 3, max(50, self.config.predict_steps)) if self.config.predict_steps else 0
 
     def should_compute_full(self) -> bool:
         return self.phase is not Phase.PREDICT
@@ -544,6 +569,7 @@ class PhaseController:
             value = loss.detach().float() if isinstance(loss, torch.Tensor) else float(loss)
             self.recent_losses.append(value)
             self.loss_sums[self.phase] = self.loss_sums[self.phase] + value
+            self.loss_counts[self.phase] += 1
         self.counts[self.phase] += 1
         self.phase_step += 1
         self.total_step += 1
@@ -573,10 +599,8 @@ class PhaseController:
         if self.cosine_count:
             stats["mean_correct_cosine"] = float(self.cosine_sum) / self.cosine_count
         for phase in Phase:
-            if self.counts[phase] and not isinstance(self.loss_sums[phase], float):
-                stats[f"mean_loss_{phase.value}"] = float(self.loss_sums[phase]) / self.counts[phase]
-            elif self.counts[phase] and self.loss_sums[phase]:
-                stats[f"mean_loss_{phase.value}"] = self.loss_sums[phase] / self.counts[phase]
+            if self.loss_counts[phase]:
+                stats[f"mean_loss_{phase.value}"] = float(self.loss_sums[phase]) / self.loss_counts[phase]
         return stats
 
     # ------------------------------------------------------------------ state
@@ -590,6 +614,7 @@ class PhaseController:
             "full_steps": self.full_steps,
             "predict_steps": self.predict_steps,
             "counts": {p.value: n for p, n in self.counts.items()},
+            "loss_counts": {p.value: n for p, n in self.loss_counts.items()},
             "loss_sums": {p.value: torch.as_tensor(v, dtype=torch.float32).cpu() for p, v in self.loss_sums.items()},
             "recent_losses": [torch.as_tensor(v, dtype=torch.float32).cpu() for v in self.recent_losses],
             "early_correct": self.early_correct,
@@ -607,6 +632,7 @@ class PhaseController:
         self.full_steps = int(state["full_steps"])
         self.predict_steps = int(state["predict_steps"])
         self.counts = {p: int(state["counts"][p.value]) for p in Phase}
+        self.loss_counts = {p: int(state["loss_counts"][p.value]) for p in Phase}
         self.loss_sums = {p: state["loss_sums"][p.value].to(device) for p in Phase}
         self.recent_losses = deque((v.to(device) for v in state["recent_losses"]), maxlen=100)
         self.early_correct = bool(state["early_correct"])
@@ -649,6 +675,7 @@ class PhaseTrainer(BaseTrainer):
         self.controller = PhaseController(phase)
         self._step_begun = False
         self._predicting = False
+        self._had_grad: list[bool] = []  # which parameters had a gradient in the last real step
         self._accumulator = TernaryGradientAccumulator(seed=phase.seed) if phase.ternary_accumulation else None
 
     def _build(self) -> None:
@@ -669,7 +696,10 @@ class PhaseTrainer(BaseTrainer):
         if not self._predicting:
             ok = super()._accumulate_gradients(info)
             if ok and self._accumulator is not None and self._accumulator.codes is not None:
-                self._finish_ternary_accumulation(self._optimized_params())
+                # BaseTrainer rescaled p.grad by n / micro-steps when some were missing; the
+                # part held by the accumulator needs the same factor.
+                ran = info.get("micro_steps") or self.gradient_accumulation_steps
+                self._finish_ternary_accumulation(self._optimized_params(), self.gradient_accumulation_steps / ran)
         elif self.phase_config.skip_forward:
             ok = self._draw_batches(info)
         else:
@@ -680,11 +710,14 @@ class PhaseTrainer(BaseTrainer):
         if self._predicting:
             params = self._optimized_params()
             predicted = self.controller.predicted_gradients()
-            if self._scaler is not None:
-                # The trainer unscales before stepping: scale the prediction like a real gradient.
-                torch._foreach_mul_(predicted, self._scaler._scale.to(predicted[0].device) if predicted else 1.0)
-            for p, g in zip(params, predicted):
-                p.grad = g.to(p.dtype)
+            if self._scaler is not None and predicted:
+                # The trainer unscales before stepping: scale the prediction like a real
+                # gradient (scale() also sets the scale up after a resume into PREDICT).
+                torch._foreach_mul_(predicted, self._scaler.scale(torch.ones((), device=predicted[0].device)))
+            for p, g, had_grad in zip(params, predicted, self._had_grad):
+                # A parameter without a gradient in the last real step gets none now either:
+                # the optimizer must not decay or update what the loss does not touch.
+                p.grad = g.to(p.dtype) if had_grad else None
         info["records"] = {
             **(info.get("records") or {}),
             "phase": {
@@ -709,9 +742,11 @@ class PhaseTrainer(BaseTrainer):
     def _micro_steps_left(self) -> bool:
         return self.micro_step < self.gradient_accumulation_steps - 1
 
-    def _finish_ternary_accumulation(self, params: list[torch.Tensor]) -> None:
+    def _finish_ternary_accumulation(self, params: list[torch.Tensor], factor: float) -> None:
         assert self._accumulator is not None
         totals = self._accumulator.total() or []
+        if factor != 1.0:
+            torch._foreach_mul_(totals, factor)
         for p, total in zip(params, totals):
             p.grad = total.to(p.dtype) if p.grad is None else p.grad + total.to(p.dtype)
         self._accumulator.reset()
@@ -733,7 +768,9 @@ class PhaseTrainer(BaseTrainer):
         # The real gradients are recorded once they are final: unscaled (fp16), clipped as
         # the optimizer will use them, and finite (a step that is retried records nothing).
         if not self._predicting and not skipped:
-            self.controller.record_full_gradients([_grad_or_zeros(p) for p in self._optimized_params()])
+            params = self._optimized_params()
+            self._had_grad = [p.grad is not None for p in params]
+            self.controller.record_full_gradients([_grad_or_zeros(p) for p in params])
 
     def optimizer_step(self) -> bool:
         took = super().optimizer_step()
@@ -752,8 +789,9 @@ class PhaseTrainer(BaseTrainer):
     def state_dict(self, **kwargs: Any) -> dict[str, Any]:
         state = super().state_dict(**kwargs)
         state["phase_controller"] = self.controller.state_dict()
+        state["phase_controller"]["had_grad"] = list(self._had_grad)
         if self._accumulator is not None:
-            state["phase_controller"]["accumulator_rng"] = self._accumulator.generator.get_state()
+            state["phase_controller"]["accumulator"] = self._accumulator.state_dict()
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], **kwargs: Any) -> None:
@@ -761,8 +799,9 @@ class PhaseTrainer(BaseTrainer):
         saved = state_dict.get("phase_controller")
         if saved is not None:
             self.controller.load_state_dict(saved, self.device)
-            if self._accumulator is not None and saved.get("accumulator_rng") is not None:
-                self._accumulator.generator.set_state(saved["accumulator_rng"].clone())
+            self._had_grad = [bool(h) for h in saved.get("had_grad", [])] or [True] * len(self._optimized_params())
+            if self._accumulator is not None and saved.get("accumulator") is not None:
+                self._accumulator.load_state_dict(saved["accumulator"])
         self._step_begun = False
 
 
