@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[examples,dev,bench]"
+	$(PY) -m pip install -q -e ".[examples,dev,bench,lm]"
 	touch $(STAMP)
 
 venv: $(STAMP)

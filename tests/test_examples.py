@@ -82,3 +82,16 @@ def test_phase_example_skips_most_backward_passes_and_learns():
     steps, with_backward = map(int, re.search(r"^steps (\d+) with_backward (\d+)", out, re.M).groups())
     assert with_backward < 0.5 * steps
     assert float(re.search(r"^test_accuracy (\d\.\d{4})$", out, re.M).group(1)) > 0.93
+
+
+@pytest.mark.slow
+def test_surprise_repair_lm_example_reports_both_runs_and_samples():
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "surprise_repair_lm.py"), "steps=30", "model.hidden=32"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    losses = re.findall(r"^held_out_loss (baseline|surprise_repair) (\d+\.\d+)$", proc.stdout, re.M)
+    assert [name for name, _ in losses] == ["baseline", "surprise_repair"]
+    assert all(0 < float(value) < 5 for _, value in losses)
+    fired, injected, seen = map(int, re.search(r"^trigger fired (\d+) injected (\d+) of (\d+)", proc.stdout, re.M).groups())
+    assert fired > 0 and 0 < injected <= 0.03 * seen
+    assert len(re.findall(r"^sample (plain|sandwich) \d: ", proc.stdout, re.M)) == 4

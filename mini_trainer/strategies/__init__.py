@@ -4,6 +4,7 @@ from .class_vectors import class_vectors, min_pairwise_angle
 from .compression import TernaryGradientAccumulator, VSAGradientCompressor, reconstruction_cosine, ternarize
 from .phase import LeastSquaresPredictor, MomentumPredictor, Phase, PhaseConfig, PhaseController, PhaseTrainer, StepInfo
 from .spela import SpelaConfig, SpelaNet, SpelaTrainer
+from .surprise_repair import GeneratorProvider, HardestK, LossStdConfig, LossStdTrigger, ReplayBuffer, SurpriseRepairTrainer
 
 __all__ = [
     "SpelaConfig",
@@ -22,4 +23,10 @@ __all__ = [
     "VSAGradientCompressor",
     "ternarize",
     "reconstruction_cosine",
+    "SurpriseRepairTrainer",
+    "LossStdTrigger",
+    "LossStdConfig",
+    "HardestK",
+    "ReplayBuffer",
+    "GeneratorProvider",
 ]
