@@ -237,3 +237,12 @@ def test_processors_plug_into_transformers_generate():
     first_plain, first_pushed = greedy[0, 4].item(), pushed[0, 4].item()
     assert first_plain != first_pushed
     assert boost.calls == 3  # the last 30% of 10 new tokens
+
+
+def test_new_sample_providers_are_refused_on_several_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = nn.Linear(2, 2)
+    trainer = SurpriseRepairTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+                                    trigger=LossStdTrigger(ReplayBuffer()), data_loader=[0], device="cpu", parallelism=None)
+    with pytest.raises(NotImplementedError, match="HardestK"):
+        trainer.build()
