@@ -216,8 +216,10 @@ def test_sandwich_generation_samples_and_only_changes_its_window():
     plain = surprisal_sandwich_generate(model, prompt, max_new_tokens=20, sandwich=False, generator=torch.Generator().manual_seed(5))
     assert plain.shape == (1, 23) and torch.equal(plain[:, :3], prompt)
     sandwich = surprisal_sandwich_generate(model, prompt, max_new_tokens=20, small_lm=model, generator=torch.Generator().manual_seed(5))
-    # Same seed, same model: identical until the window opens at 45% of 20 new tokens.
+    # Same seed, same model: identical until the window opens at 45% of 20 new tokens, and
+    # (with alpha 10 on the top 5 of 11 tokens) different after it.
     assert torch.equal(sandwich[:, : 3 + 9], plain[:, : 3 + 9])
+    assert not torch.equal(sandwich[:, 3 + 9 :], plain[:, 3 + 9 :])
 
 
 def test_processors_plug_into_transformers_generate():
@@ -237,6 +239,15 @@ def test_processors_plug_into_transformers_generate():
     first_plain, first_pushed = greedy[0, 4].item(), pushed[0, 4].item()
     assert first_plain != first_pushed
     assert boost.calls == 3  # the last 30% of 10 new tokens
+    # The small model's KV cache gives the logits a full recompute gives, also when the
+    # same processor serves a second generate call with another prompt (the cache is rebuilt).
+    for prompt_ids in (torch.tensor([[1, 2, 3, 4]]), torch.tensor([[7, 8, 9, 10, 11]])):
+        cached = CoherenceBoost(small, mu=1.0, start=0.0, prompt_length=prompt_ids.shape[1], max_new_tokens=10)
+        recompute = CoherenceBoost(lambda ids: small(input_ids=ids, use_cache=False).logits, mu=1.0, start=0.0,
+                                   prompt_length=prompt_ids.shape[1], max_new_tokens=10)
+        for step in range(prompt_ids.shape[1], prompt_ids.shape[1] + 6):
+            ids = torch.cat([prompt_ids, torch.arange(step - prompt_ids.shape[1]).unsqueeze(0) % 50], dim=1)
+            torch.testing.assert_close(cached(ids, torch.zeros(1, 50)), recompute(ids, torch.zeros(1, 50)), rtol=1e-4, atol=1e-5)
 
 
 def test_new_sample_providers_are_refused_on_several_processes(monkeypatch):
@@ -246,3 +257,27 @@ def test_new_sample_providers_are_refused_on_several_processes(monkeypatch):
                                     trigger=LossStdTrigger(ReplayBuffer()), data_loader=[0], device="cpu", parallelism=None)
     with pytest.raises(NotImplementedError, match="HardestK"):
         trainer.build()
+
+
+def test_sample_weights_of_the_wrong_shape_are_refused():
+    model = nn.Linear(3, 2)
+    trainer = SurpriseRepairTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+                                    data_loader=[0], device="cpu")
+    trainer.build()
+    with pytest.raises(ValueError, match=r"sample weights .* shape \(4,\).*got \(4, 1\)"):
+        trainer.forward((torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.ones(4, 1)))
+
+
+def test_dicts_are_joined_by_key_whatever_their_order():
+    first = {"x": torch.zeros(2, 1), "y": torch.ones(2, 1)}
+    second = {"y": torch.full((1, 1), 5.0), "x": torch.full((1, 1), 7.0)}
+    joined = concat_samples(first, second)
+    assert joined["x"].flatten().tolist() == [0.0, 0.0, 7.0] and joined["y"].flatten().tolist() == [1.0, 1.0, 5.0]
+
+
+def test_replay_buffer_learns_the_new_loss_of_what_it_injected():
+    buffer = ReplayBuffer(capacity=4, keep_per_batch=2)
+    buffer.observe((torch.arange(4.0).unsqueeze(1),), torch.tensor([1.0, 9.0, 8.0, 0.5]))
+    assert buffer((torch.zeros(1, 1),), torch.zeros(1), 1)[0].item() == 1.0  # the sample with loss 9
+    buffer.update(torch.tensor([0.1]))  # learnt: it sinks below the other stored one
+    assert buffer((torch.zeros(1, 1),), torch.zeros(1), 1)[0].item() == 2.0

@@ -19,6 +19,7 @@ never waits for the GPU to finish just to decide (on the CPU the read is free an
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -86,8 +87,19 @@ def select_samples(batch: Any, index: torch.Tensor) -> Any:
 def concat_samples(first: Any, second: Any) -> Any:
     """`first` and `second` (same structure) joined along the sample dimension."""
     check_same_structure(first, second)
-    flat_second = iter([t for _, t in _leaves(second)])
-    return _map(first, lambda t: torch.cat([t, next(flat_second)]))
+    return _concat(first, second)
+
+
+def _concat(first: Any, second: Any) -> Any:
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second.to(first.device)])
+    if isinstance(first, Mapping):
+        return type(first)((k, _concat(v, second[k])) for k, v in first.items())  # by key, not by order
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(_concat(a, b) for a, b in zip(first, second)))
+    if isinstance(first, (list, tuple)):
+        return type(first)(_concat(a, b) for a, b in zip(first, second))
+    return first
 
 
 def check_same_structure(batch: Any, extra: Any, path: str = "batch") -> None:
@@ -145,20 +157,22 @@ class ReplayBuffer:
     of each batch, on `device`, CPU by default) and injects the k hardest of them. The
     buffer is part of the trainer's state."""
 
-    def __init__(self, capacity: int = 1024, keep_per_batch: int = 4, device: str | torch.device = "cpu") -> None:
+    def __init__(self, capacity: int = 1024, keep_per_batch: int = 4, device: str | torch.device | None = None) -> None:
         check_int("ReplayBuffer.capacity", capacity, minimum=1)
         check_int("ReplayBuffer.keep_per_batch", keep_per_batch, minimum=1)
         self.capacity = capacity
         self.keep_per_batch = keep_per_batch
-        self.device = torch.device(device)
+        self.device = torch.device(device) if device is not None else None  # None: the batches' device (no copies, no sync)
         self.samples: Any = None
         self.losses = torch.empty(0)
+        self._last: torch.Tensor | None = None  # indices injected last
 
     def observe(self, batch: Any, losses: torch.Tensor) -> None:
         keep = min(self.keep_per_batch, losses.shape[0])
         index = torch.topk(losses.detach(), keep).indices
-        new = _map(select_samples(batch, index), lambda t: t.detach().to(self.device))
-        new_losses = losses.detach().index_select(0, index).float().to(self.device)
+        device = self.device or losses.device
+        new = _map(select_samples(batch, index), lambda t: t.detach().to(device))
+        new_losses = losses.detach().index_select(0, index).float().to(device)
         if self.samples is None:
             self.samples, self.losses = new, new_losses
         else:
@@ -172,15 +186,23 @@ class ReplayBuffer:
         if self.samples is None or self.losses.shape[0] == 0:
             return HardestK()(batch, losses, k)  # nothing stored yet
         k = min(k, self.losses.shape[0])
-        index = torch.topk(self.losses, k).indices
+        index = self._last = torch.topk(self.losses, k).indices
         device = _leaves(batch)[0][1].device
         return _map(select_samples(self.samples, index), lambda t: t.to(device, non_blocking=True))
+
+    def update(self, losses: torch.Tensor) -> None:
+        """The injected samples' losses now: learnt ones sink and make room for others."""
+        if self._last is not None and losses.shape[0] == self._last.shape[0]:
+            self.losses = self.losses.index_copy(0, self._last, losses.detach().float().to(self.losses.device))
+        self._last = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples": self.samples, "losses": self.losses}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.samples, self.losses = state["samples"], state["losses"]
+        device = self.device or torch.device("cpu")
+        self.samples = _map(state["samples"], lambda t: t.to(device)) if state["samples"] is not None else None
+        self.losses = state["losses"].to(device)
 
 
 class GeneratorProvider:
@@ -226,7 +248,7 @@ class LossStdConfig:
 
 class LossStdTrigger:
     """Fire when cv = std(l) / (|mean(l)| + 1e-8) <= `std_threshold` (losses too uniform),
-    or every `pulse_every` micro-steps, and never beyond `budget_frac` x the samples seen:
+    or every `pulse_every` micro-steps (with gradient accumulation, N per optimizer step), and never beyond `budget_frac` x the samples seen:
     each batch of B adds `budget_frac * B` of credit (fractions carried over), and an
     injection of k spends k. k = min(int(B * inject_ratio), max_injected_per_step, credit).
     The cv used is the previous micro-step's (see the module docstring)."""
@@ -272,7 +294,7 @@ class LossStdTrigger:
         pulse = self.calls % cfg.pulse_every == 0
         if not (uniform or pulse):
             return 0
-        k = min(int(batch * cfg.inject_ratio), cfg.max_injected_per_step, int(self.credit + 1e-9))
+        k = min(int(batch * cfg.inject_ratio + 1e-9), cfg.max_injected_per_step, int(self.credit + 1e-9))
         if k <= 0:
             return 0
         self.credit -= k
@@ -280,7 +302,14 @@ class LossStdTrigger:
         self.injected += k
         return k
 
+    def refund(self, unused: int) -> None:
+        """A provider returned `unused` fewer samples than decided: they were not spent."""
+        self.credit += unused
+        self.injected -= unused
+
     def state_dict(self) -> dict[str, Any]:
+        if self._pending_ready is not None:
+            self._pending_ready.synchronize()  # the copy must have landed before it is saved
         state: dict[str, Any] = {
             "calls": self.calls, "seen": self.seen, "credit": self.credit, "fired": self.fired,
             "injected": self.injected, "last_cv": self.last_cv,
@@ -333,6 +362,7 @@ class SurpriseRepairTrainer(BaseTrainer):
         if criterion is not None and not callable(criterion):
             raise TypeError(f"criterion must be callable (outputs, targets) -> per-sample losses; got {criterion!r}")
         if isinstance(criterion, nn.Module) and hasattr(criterion, "reduction"):
+            criterion = copy.copy(criterion)  # the user's module keeps its own reduction
             criterion.reduction = "none"
         self.criterion = criterion
         self.trigger = trigger
@@ -365,7 +395,13 @@ class SurpriseRepairTrainer(BaseTrainer):
     def sample_weights(self, batch: Any) -> torch.Tensor | None:
         """The batch's own sample weights: the third item of a tuple batch, if any."""
         if isinstance(batch, (list, tuple)) and len(batch) >= 3 and isinstance(batch[2], torch.Tensor):
-            return batch[2].float()
+            weights, size = batch[2], _batch_size(batch)
+            if weights.shape != (size,):
+                raise ValueError(
+                    f"sample weights (the batch's third item) must have shape ({size},), one per sample; got "
+                    f"{tuple(weights.shape)} (override sample_weights() for another layout)"
+                )
+            return weights.float()
         return None
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -389,6 +425,10 @@ class SurpriseRepairTrainer(BaseTrainer):
         elif k:
             extra = self.trigger.provider(batch, losses, k)
             check_same_structure(batch, extra)
+            got = _batch_size(extra)
+            if got < k:
+                self.trigger.refund(k - got)
+                k = got
             own = self.sample_weights(extra)
             own = own.to(losses.device) if own is not None else torch.ones(_batch_size(extra), device=losses.device)
             extra_w = self.trigger.config.weight_alpha * own
@@ -398,8 +438,11 @@ class SurpriseRepairTrainer(BaseTrainer):
                 joined_w = torch.cat([weights, extra_w])
                 total, norm = (joined_w * joined.float()).sum(), joined_w.sum()
             else:
-                total = total + (extra_w * self.per_sample_loss(extra).float()).sum()
+                extra_losses = self.per_sample_loss(extra)
+                total = total + (extra_w * extra_losses.float()).sum()
                 norm = norm + extra_w.sum()
+                if callable(getattr(self.trigger.provider, "update", None)):
+                    self.trigger.provider.update(extra_losses)
         if k or given is not None:
             loss = total / norm
         if self._observes:

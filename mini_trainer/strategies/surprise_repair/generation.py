@@ -85,24 +85,31 @@ class CoherenceBoost(_Placed):
         super().__init__(prompt_length, max_new_tokens)
         self.small_lm, self.mu, self.start = small_lm, float(mu), float(start)
         self._past: Any = None
-        self._seen = 0  # tokens the cache holds
+        self._cached_ids: torch.Tensor | None = None  # the tokens the cache holds
         self.calls = 0
 
     def begin(self, prompt_length: int, max_new_tokens: int) -> None:
         super().begin(prompt_length, max_new_tokens)
-        self._past, self._seen = None, 0
+        self._past, self._cached_ids = None, None
 
     @torch.no_grad()
     def _small_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         uses_cache = hasattr(self.small_lm, "config") and getattr(self.small_lm.config, "use_cache", False)
-        if uses_cache and self._past is not None and 0 < self._seen < input_ids.shape[-1]:
-            out = self.small_lm(input_ids=input_ids[:, self._seen :], past_key_values=self._past, use_cache=True)
-        elif uses_cache:
-            out = self.small_lm(input_ids=input_ids, use_cache=True)
-        else:
+        if not uses_cache:
             return _logits(self.small_lm(input_ids))[:, -1]
-        self._past, self._seen = out.past_key_values, input_ids.shape[-1]
+        cached = self._cached_ids
+        # The cache is used only for the very sequences it was built from, extended (beam
+        # search reorders rows, a new generate call starts other text: then it is rebuilt).
+        # Left padding is not supported: no attention mask reaches the small model.
+        if (
+            cached is not None and self._past is not None and cached.shape[0] == input_ids.shape[0]
+            and cached.shape[1] < input_ids.shape[1] and torch.equal(input_ids[:, : cached.shape[1]], cached)
+        ):
+            out = self.small_lm(input_ids=input_ids[:, cached.shape[1] :], past_key_values=self._past, use_cache=True)
+        else:
+            out = self.small_lm(input_ids=input_ids, use_cache=True)
+        self._past, self._cached_ids = out.past_key_values, input_ids.clone()
         return out.logits[:, -1]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
