@@ -29,7 +29,7 @@ from torch import nn
 
 from ...builder import REGISTRY
 from ...trainer import BaseTrainer
-from ...utils import check_int, check_number
+from ...utils import check_int, check_number, map_nested_tensor
 
 __all__ = [
     "LossStdConfig",
@@ -67,21 +67,9 @@ def _batch_size(batch: Any) -> int:
     return sizes.pop()
 
 
-def _map(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        return type(batch)((k, _map(v, fn)) for k, v in batch.items())
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_map(v, fn) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_map(v, fn) for v in batch)
-    return batch
-
-
 def select_samples(batch: Any, index: torch.Tensor) -> Any:
     """The samples `index` (a device tensor: no host read) of every tensor in `batch`."""
-    return _map(batch, lambda t: t.index_select(0, index.to(t.device)))
+    return map_nested_tensor(lambda t: t.index_select(0, index.to(t.device)), batch)
 
 
 def concat_samples(first: Any, second: Any) -> Any:
@@ -171,7 +159,7 @@ class ReplayBuffer:
         keep = min(self.keep_per_batch, losses.shape[0])
         index = torch.topk(losses.detach(), keep).indices
         device = self.device or losses.device
-        new = _map(select_samples(batch, index), lambda t: t.detach().to(device))
+        new = map_nested_tensor(lambda t: t.detach().to(device), select_samples(batch, index))
         new_losses = losses.detach().index_select(0, index).float().to(device)
         if self.samples is None:
             self.samples, self.losses = new, new_losses
@@ -188,7 +176,7 @@ class ReplayBuffer:
         k = min(k, self.losses.shape[0])
         index = self._last = torch.topk(self.losses, k).indices
         device = _leaves(batch)[0][1].device
-        return _map(select_samples(self.samples, index), lambda t: t.to(device, non_blocking=True))
+        return map_nested_tensor(lambda t: t.to(device, non_blocking=True), select_samples(self.samples, index))
 
     def update(self, losses: torch.Tensor) -> None:
         """The injected samples' losses now: learnt ones sink and make room for others."""
@@ -201,7 +189,7 @@ class ReplayBuffer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         device = self.device or torch.device("cpu")
-        self.samples = _map(state["samples"], lambda t: t.to(device)) if state["samples"] is not None else None
+        self.samples = map_nested_tensor(lambda t: t.to(device), state["samples"]) if state["samples"] is not None else None
         self.losses = state["losses"].to(device)
 
 
