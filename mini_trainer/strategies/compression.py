@@ -29,6 +29,7 @@ __all__ = [
     "VSACode",
     "VSAGradientCompressor",
     "reconstruction_cosine",
+    "gradient_cosine",
 ]
 
 _MODES = ("stochastic", "threshold")
@@ -226,8 +227,15 @@ class VSAGradientCompressor:
         return VSACode(bundled, slot)
 
 
+def gradient_cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Cosine similarity of two gradient lists taken as one vector, as a device scalar
+    (no host read, no concatenated copy)."""
+    dot = torch.stack([(x.float() * y.float()).sum() for x, y in zip(a, b)]).sum()
+    norm_a = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([x.float() for x in a])))
+    norm_b = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([y.float() for y in b])))
+    return dot / (norm_a * norm_b).clamp_min(1e-30)
+
+
 def reconstruction_cosine(original: Sequence[torch.Tensor], restored: Sequence[torch.Tensor]) -> float:
-    """Cosine similarity between two gradient lists, flattened (a test/benchmark measure)."""
-    a = torch.cat([t.reshape(-1).float() for t in original])
-    b = torch.cat([t.reshape(-1).float() for t in restored])
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    """`gradient_cosine` read as a number (a test/benchmark measure)."""
+    return float(gradient_cosine(original, restored))

@@ -28,7 +28,7 @@ import torch
 from .. import distributed
 from ..trainer import _END_OF_DATA, BaseTrainer
 from ..utils import check_int, check_number
-from .compression import TernaryCode, TernaryGradientAccumulator, VSACode, VSAGradientCompressor, ternarize
+from .compression import TernaryCode, TernaryGradientAccumulator, VSACode, VSAGradientCompressor, gradient_cosine, ternarize
 
 __all__ = ["Phase", "PhaseConfig", "StepInfo", "PhaseController", "PhaseTrainer", "LeastSquaresPredictor", "MomentumPredictor"]
 
@@ -241,14 +241,6 @@ class _History:
         if state.get("generator") is not None:
             self._generator = torch.Generator(device=state["generator_device"])
             self._generator.set_state(state["generator"].clone())
-
-
-def _cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Cosine similarity of two gradient lists taken as one vector (a device scalar)."""
-    dot = torch.stack([(x.float() * y.float()).sum() for x, y in zip(a, b)]).sum()
-    norm_a = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([x.float() for x in a])))
-    norm_b = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([y.float() for y in b])))
-    return dot / (norm_a * norm_b).clamp_min(1e-30)
 
 
 def _code_state(code: TernaryCode) -> dict[str, Any]:
@@ -542,7 +534,7 @@ class PhaseController:
         """The real gradients of this step (WARMUP, FULL or CORRECT)."""
         if self.phase is Phase.CORRECT and self._has_history():
             # How good the predictions are: cosine(predicted, actual), kept on the device.
-            self.cosine_sum = self.cosine_sum + _cosine(self.predictor.predict(self.total_step), grads)
+            self.cosine_sum = self.cosine_sum + gradient_cosine(self.predictor.predict(self.total_step), grads)
             self.cosine_count += 1
             self._last_error = self.predictor.correct(grads, self.total_step)
             ratio = self.predictor.residual_ratio()
