@@ -9,10 +9,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test bench clean
 
+# fitstream is only for tests/test_stream.py, which runs it side by side with
+# mini_trainer.stream; it declares Python >= 3.12 but runs on 3.11, and --no-deps keeps its
+# own torch requirement from pulling another build.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[examples,dev,bench,lm]"
+	$(PY) -m pip install -q -e ".[examples,dev,bench,lm,stream]"
+	$(PY) -m pip install -q --no-deps --ignore-requires-python fitstream==0.4.1
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -9,7 +9,7 @@ from .config import load_config
 from .hooks import BaseHook, CheckpointingHook, CudaMaxMemoryHook, EmaHook, LoggingHook, ProgressHook
 from .trainer import BaseTrainer, NonFiniteGradientError
 from .utils import key_average, map_nested_tensor, unwrap
-from . import checkpoint, data, datasets, models, schedules, strategies  # noqa: F401  (register their builders)
+from . import checkpoint, data, datasets, models, schedules, strategies, stream  # noqa: F401  (register their builders)
 
 __version__ = "0.1.0"
 

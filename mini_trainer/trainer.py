@@ -37,6 +37,7 @@ from . import distributed
 from .hooks.base import HOOK_EVENTS, BaseHook, hook_priority, overridden_events
 from .hooks.metrics import RESERVED_NAMES, StepMetrics
 from .data import epoch_sampler
+from .stream import Event, TrainerEvents
 from .precision import autocast_factory, default_grad_scaler, resolve_precision
 from .utils import MetricMeans, check_int, check_number, flatten_dict, map_nested_tensor, unflatten_dict, unwrap
 
@@ -347,8 +348,14 @@ class BaseTrainer:
     def train(self) -> None:
         """Train until `max_steps` optimizer steps or `max_epochs` epochs (whichever first),
         or until a hook sets `should_stop`."""
+        for _ in self._training(require_limit=self._fit_limits is None):
+            pass
+
+    def _training(self, require_limit: bool) -> Iterator[None]:
+        """The run, pausing after each step: `train()` drains it, `events()` turns every
+        pause into an event. Closed at a pause, it ends like a run that reached its limit."""
         self._build()
-        if self._fit_limits is None:
+        if require_limit:
             self.check_limits()
         self.should_stop = False
         self.model.train()
@@ -365,11 +372,60 @@ class BaseTrainer:
         try:
             while not self._finished():
                 self._run_step()
+                yield
+        except GeneratorExit:
+            # The consumer of events() stopped asking (take, early_stop, a break) between
+            # two steps: an ordinary end, so the final checkpoint and logs are written.
+            self._call_hooks("on_after_train")
+            raise
         except BaseException as error:
             # Let hooks flush what they hold (metrics, progress bar, files); the error wins.
             self._call_hooks("on_exception", error)
             raise
         self._call_hooks("on_after_train")
+
+    def events(self, *, epochs: int | None = None, steps: int | None = None) -> TrainerEvents:
+        """Train lazily: an iterator of one event (a dict) per optimizer step, for the
+        `mini_trainer.stream` stages (`take`, `early_stop`, `augment`, `collect_jsonl`...).
+
+        Each event holds `step`, `epoch`, everything in `step_info` (`loss`, `records`,
+        `grad_norm`, `lr`, `data_time`, `step_time`, `retries`, what hooks add), `model`
+        (unwrapped from DDP/compile) and `trainer`. Loss and metrics are device tensors:
+        a stage that reads them (`float(...)`) syncs the host, nothing else does.
+
+        Hooks run as in `train()`. A step runs when the next event is asked for, so the
+        run ends when the consumer stops asking: at `epochs`/`steps` more (as in `fit()`),
+        at the constructor's limits, or, with no limit at all, when a stage like `take` or
+        `early_stop` ends the stream; then `on_after_train` runs (final checkpoint, logs).
+        A stream that is dropped unfinished ends the same way when it is closed or
+        garbage-collected; `with trainer.events() as events:` makes that moment explicit.
+        Under torchrun every rank must stop at the same event (decide on synced metrics).
+        """
+        check_int("epochs", epochs, minimum=1, allow_none=True)
+        check_int("steps", steps, minimum=1, allow_none=True)
+        return TrainerEvents(self._step_events(epochs, steps))
+
+    def _step_events(self, epochs: int | None, steps: int | None) -> Iterator[dict[str, Any]]:
+        limits = self.max_steps, self.max_epochs
+        if epochs is not None or steps is not None:
+            self._fit_limits = (epochs, steps)  # applied once a checkpoint is restored
+        self._build()
+        model = self.unwrapped_model
+        run = self._training(require_limit=False)
+        try:
+            for _ in run:
+                try:
+                    yield Event(step=self.step, epoch=self.epoch, **self.step_info, model=model, trainer=self)
+                except GeneratorExit:
+                    raise
+                except BaseException as error:
+                    # Raised in the consumer (`with trainer.events()` hands it over): the
+                    # run ends with that error, and hooks see it in on_exception.
+                    run.throw(error)
+        finally:
+            run.close()  # a stopped consumer: on_after_train runs now, not at garbage collection
+            self.max_steps, self.max_epochs = limits
+            self._fit_limits = None
 
     def _apply_fit_limits(self) -> None:
         if self._fit_limits is None:

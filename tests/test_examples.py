@@ -95,3 +95,19 @@ def test_surprise_repair_lm_example_reports_both_runs_and_samples():
     fired, injected, seen = map(int, re.search(r"^trigger fired (\d+) injected (\d+) of (\d+)", proc.stdout, re.M).groups())
     assert fired > 0 and 0 < injected <= 0.03 * seen
     assert len(re.findall(r"^sample (plain|sandwich) \d: ", proc.stdout, re.M)) == 4
+
+
+@pytest.mark.slow
+def test_stream_example_stops_early_both_ways(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "stream_digits.py"), str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    epochs = int(re.search(r"^epochs (\d+), best val_loss", out, re.M).group(1))
+    assert 5 < epochs < 100  # early stopping ended the endless epoch stream
+    assert float(re.search(r"^epoch_stream test_accuracy (\d\.\d{4})$", out, re.M).group(1)) > 0.93
+    assert float(re.search(r"^trainer.events test_accuracy (\d\.\d{4})$", out, re.M).group(1)) > 0.93
+    stopped = int(re.search(r"^stopped at step (\d+);", out, re.M).group(1))
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert stopped < 2000 and len(lines) == stopped // 20  # one line per evaluated event, written as it came
+    assert (tmp_path / "checkpoints" / f"step_{stopped:09d}").is_dir()  # the final checkpoint of a stream-stopped run

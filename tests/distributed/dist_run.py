@@ -45,6 +45,7 @@ parser.add_argument("--sigterm", default=None, help="RANK:STEP: that rank alone 
 parser.add_argument("--sigkill", default=None, help="RANK:STEP: that rank SIGKILLs itself after STEP")
 parser.add_argument("--retries", type=int, default=2)
 parser.add_argument("--fail-write", type=int, default=None, help="RANK: writing a checkpoint fails there (disk full)")
+parser.add_argument("--events", type=int, default=None, help="no step limit: consume trainer.events() through take(N)")
 parser.add_argument("--device", default="cpu", help="cpu, or cuda: this rank's GPU (LOCAL_RANK) with NCCL")
 args = parser.parse_args()
 
@@ -142,7 +143,7 @@ if args.metrics:
     hooks += [LoggingHook(interval=2, sync=True), ProgressHook(interval=2, sync=True)]
 
 trainer = Run(
-    max_steps=None if args.epochs else args.steps,
+    max_steps=None if args.epochs or args.events else args.steps,
     max_epochs=args.epochs,
     gradient_accumulation_steps=args.accum,
     grad_clip=args.clip,
@@ -153,7 +154,13 @@ trainer = Run(
     seed=0,
     hooks=hooks,
 )
-trainer.train()
+if args.events:
+    from mini_trainer.stream import collect, take
+
+    events = collect(take(args.events)(trainer.events()))
+    assert [e["step"] for e in events] == list(range(1, args.events + 1))
+else:
+    trainer.train()
 
 workspace = Path(args.workspace)
 state = trainer.state_dict()

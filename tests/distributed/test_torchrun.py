@@ -97,6 +97,15 @@ def one_process_big_batch(tmp_path_factory) -> dict[str, torch.Tensor]:
     return weights(workspace)
 
 
+def test_trainer_events_under_ddp_stop_every_rank_at_the_same_step(tmp_path, one_process_big_batch):
+    """No step limit: take(10) on the event stream ends the run on both ranks, which then
+    write their final checkpoint together; the math is the one-process run's."""
+    torchrun(tmp_path, *EQUIVALENCE, "--events", "10", "--accum", "2", "--parallelism", "ddp", "--interval", "100")
+    assert [info["step"] for info in ranks(tmp_path)] == [10, 10]
+    assert max_difference(weights(tmp_path), one_process_big_batch) < 1e-6
+    assert (tmp_path / "ckpt" / "step_000000010").is_dir()
+
+
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_two_processes_with_accumulation_equal_one_process(tmp_path, one_process_big_batch, parallelism):
     torchrun(tmp_path, *EQUIVALENCE, "--batch", "4", "--accum", "2", "--parallelism", parallelism, "--count-comm")
