@@ -8,6 +8,9 @@ hits both alike). Two pairings, each doing the same math on both sides:
   clipping and the default non-finite check, against a loop that also clips.
 - "bare_trainer_vs_plain": BaseTrainer without hooks, clipping or finite check, against a
   loop without clipping.
+- "bare_events_vs_plain": the same bare trainer consumed as a stream of step events
+  (`for event in trainer.events(steps=...)`), against the same loop: what the event stream
+  adds per step (one generator resume and one dict).
 
 Times are this process's CPU time (`time.process_time`), so a busy neighbour on the
 machine does not count against either side. Data comes either from pre-built batches in memory ("memory": the strictest view, nothing
@@ -100,11 +103,19 @@ class TrainerRun:
         self.trainer.train()
 
 
-def measure(data_kind: str, bare: bool | None, rounds: int, steps: int) -> dict[str, float]:
+class EventsRun(TrainerRun):
+    def run(self, steps: int) -> None:
+        for _ in self.trainer.events(steps=steps):
+            pass
+
+
+def measure(data_kind: str, bare: bool | None, rounds: int, steps: int, events: bool = False) -> dict[str, float]:
     """bare=None pits the plain loop against a second copy of itself: the noise floor."""
     data, _ = make_data(data_kind, steps)
     if bare is None:
         plain, trainer = PlainLoop(data, clip=True), PlainLoop(data, clip=True)
+    elif events:
+        plain, trainer = PlainLoop(data, clip=not bare), EventsRun(data, bare)
     else:
         plain, trainer = PlainLoop(data, clip=not bare), TrainerRun(data, bare)
     plain.run(20), trainer.run(20)  # warm-up: allocator, first-call costs
@@ -148,6 +159,7 @@ def main() -> None:
         result[f"bare_trainer_vs_plain{suffix}"] = round(bare["ratio"], 4)
         result[f"plain_steps_per_s{suffix}"] = round(full["plain_steps_per_s"], 1)
         result[f"trainer_steps_per_s{suffix}"] = round(full["trainer_steps_per_s"], 1)
+    result["bare_events_vs_plain"] = round(measure("memory", bare=True, rounds=args.rounds, steps=args.steps, events=True)["ratio"], 4)
     result.update(rounds=args.rounds, steps_per_round=args.steps, threads=1, model="mlp-64-256-256-10", batch=64)
     print(json.dumps(result))
 

@@ -6,7 +6,16 @@ Subclass `BaseTrainer` (or pass ready objects to it), add hooks, train. See READ
 from .builder import REGISTRY, Registry, build_from_cfg
 from .classification import ClassificationTrainer
 from .config import load_config
-from .hooks import BaseHook, CheckpointingHook, CudaMaxMemoryHook, EmaHook, LoggingHook, ProgressHook
+from .hooks import (
+    BaseHook,
+    CheckpointingHook,
+    CudaMaxMemoryHook,
+    EmaHook,
+    ImageFileLoggerHook,
+    LoggingHook,
+    ProgressHook,
+    WandbHook,
+)
 from .trainer import BaseTrainer, NonFiniteGradientError
 from .utils import key_average, map_nested_tensor, unwrap
 from . import checkpoint, data, datasets, models, schedules, strategies, stream  # noqa: F401  (register their builders)
@@ -23,6 +32,8 @@ __all__ = [
     "CheckpointingHook",
     "EmaHook",
     "CudaMaxMemoryHook",
+    "WandbHook",
+    "ImageFileLoggerHook",
     "REGISTRY",
     "Registry",
     "build_from_cfg",

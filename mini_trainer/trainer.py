@@ -415,7 +415,7 @@ class BaseTrainer:
         try:
             for _ in run:
                 try:
-                    yield Event(step=self.step, epoch=self.epoch, **self.step_info, model=model, trainer=self)
+                    yield Event(self.step_info, step=self.step, epoch=self.epoch, model=model, trainer=self)
                 except GeneratorExit:
                     raise
                 except BaseException as error:

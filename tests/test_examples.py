@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -111,3 +112,23 @@ def test_stream_example_stops_early_both_ways(tmp_path):
     lines = (tmp_path / "events.jsonl").read_text().splitlines()
     assert stopped < 2000 and len(lines) == stopped // 20  # one line per evaluated event, written as it came
     assert (tmp_path / "checkpoints" / f"step_{stopped:09d}").is_dir()  # the final checkpoint of a stream-stopped run
+
+
+@pytest.mark.slow
+def test_wandb_images_example_logs_offline_and_resumes_the_same_run(tmp_path):
+    from PIL import Image
+
+    # No credentials anywhere (a fresh HOME): the hook's offline default is what is tested.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), WANDB_SILENT="true")
+    workspace = tmp_path / "ws"
+    for steps in ("300", "500"):
+        proc = subprocess.run([sys.executable, str(REPO / "examples" / "wandb_images.py"), str(workspace), steps], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+    run_ids = re.findall(r"^wandb run (\w+):", proc.stdout, re.M)
+    runs = sorted(p.name for p in (workspace / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {name.rsplit("-", 1)[1] for name in runs} == set(run_ids)  # one run id, resumed
+    assert sorted(int(p.name) for p in (workspace / "images").iterdir()) == [100, 200, 300, 400, 500]
+    files = sorted((workspace / "images" / "500" / "test").glob("mistakes_*.png"))
+    assert 1 <= len(files) <= 8 and Image.open(files[0]).size == (8, 8)

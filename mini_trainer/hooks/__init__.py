@@ -3,8 +3,20 @@
 from .base import HOOK_EVENTS, BaseHook
 from .checkpointing import CheckpointingHook
 from .ema import EmaHook
+from .images import ImageFileLoggerHook
 from .logging import LoggingHook
 from .memory import CudaMaxMemoryHook
 from .progress import ProgressHook
+from .wandb import WandbHook  # imports wandb only when a run starts
 
-__all__ = ["HOOK_EVENTS", "BaseHook", "CheckpointingHook", "CudaMaxMemoryHook", "EmaHook", "LoggingHook", "ProgressHook"]
+__all__ = [
+    "HOOK_EVENTS",
+    "BaseHook",
+    "CheckpointingHook",
+    "CudaMaxMemoryHook",
+    "EmaHook",
+    "ImageFileLoggerHook",
+    "LoggingHook",
+    "ProgressHook",
+    "WandbHook",
+]
