@@ -20,13 +20,18 @@ them is up to the consumer, so a stream costs no host sync of its own); `collect
 with `model`.
 
 Everything is lazy: a stage pulls one event at a time from the stage before it, so `take(n)`
-and `early_stop(...)` end a training run by not asking for more.
+and `early_stop(...)` end a training run by not asking for more. When they stop, they also
+close a `trainer.events()` stream upstream of them, so the run's end (`on_after_train`: the
+final checkpoint, a preemption exit code) happens right there, in the consumer's frame, and
+an error in any stage reaches the trainer's hooks as the run's error (`on_exception`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import operator
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -106,9 +111,13 @@ def iter_batches(
     ([[8, 9]], [4])
     """
     _check_positive_int("batch_size", batch_size)
+    n = _sample_count(tensors, "tensors") if tensors else 0
+    return _batches(tensors, n, batch_size, shuffle, generator)
+
+
+def _batches(tensors, n, batch_size, shuffle, generator) -> Iterator[tuple[torch.Tensor, ...]]:
     if not tensors:
         return
-    n = _sample_count(tensors, "tensors")
     if not shuffle:
         yield from zip(*(t.split(batch_size) for t in tensors))
         return
@@ -235,6 +244,67 @@ class TrainerEvents:
                 raise
 
 
+class _Stage:
+    """What a stage returns: its events, plus the stream it reads (`source`), so that a
+    stage that ends the stream can end a training run upstream (`_end_run`), and an error
+    raised by any stage reaches that run's hooks (`_abort_run`)."""
+
+    __slots__ = ("source", "_events")
+
+    def __init__(self, source: Iterable[dict[str, Any]], events: Iterator[dict[str, Any]]) -> None:
+        self.source = source
+        self._events = events
+
+    def __iter__(self) -> _Stage:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        try:
+            return next(self._events)
+        except StopIteration:
+            raise
+        except BaseException as error:
+            _abort_run(self.source, error)
+            raise
+
+    def close(self) -> None:
+        close = getattr(self._events, "close", None)
+        if close is not None:
+            close()
+
+
+def _stage(generator_function: Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]]) -> Transform:
+    """Turn `events -> generator` into a stage whose output remembers its input."""
+
+    @functools.wraps(generator_function)
+    def stage(events: Iterable[dict[str, Any]]) -> _Stage:
+        return _Stage(events, generator_function(events))
+
+    return stage
+
+
+def _run_upstream(events: Any) -> TrainerEvents | None:
+    while isinstance(events, _Stage):
+        events = events.source
+    return events if isinstance(events, TrainerEvents) else None
+
+
+def _end_run(events: Any) -> None:
+    """A stage stopped the stream: end the training run it reads from, now, so that what
+    `on_after_train` does (or raises) happens here and not at garbage collection. Other
+    sources are left open: a fitstream `epoch_stream` can be taken from again."""
+    run = _run_upstream(events)
+    if run is not None:
+        run.close()
+
+
+def _abort_run(events: Any, error: BaseException) -> None:
+    """An error ends the stream: the training run upstream ends with it (`on_exception`)."""
+    run = _run_upstream(events)
+    if run is not None:
+        run.__exit__(type(error), error, error.__traceback__)
+
+
 # =========================================================================== composing
 
 
@@ -247,7 +317,11 @@ def pipe(stream: Iterable[dict[str, Any]], *stages: Transform) -> Iterable[dict[
     for index, stage in enumerate(stages):
         if not callable(stage):
             raise TypeError(f"pipe stages must be callable (stream -> stream); stage {index} is {type(stage).__name__} {stage!r}")
-        stream = stage(stream)
+        source, stream = stream, stage(stream)
+        if not isinstance(stream, _Stage) and isinstance(stream, Iterator):
+            # Your own stage (a generator expression...): keep the chain to the source, so
+            # that a later take/early_stop still ends a training run before it.
+            stream = _Stage(source, stream)
     return stream
 
 
@@ -263,12 +337,11 @@ def augment(fn: Callable[[dict[str, Any]], dict[str, Any] | None]) -> Transform:
     if not callable(fn):
         raise TypeError(f"augment needs a callable event -> dict | None; got {type(fn).__name__}")
 
+    @_stage
     def stage(events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for event in events:
-            extra = fn(event)
-            if extra is None:
-                extra = {}
-            elif not isinstance(extra, dict):
+            extra = fn(event) or {}  # None (or anything empty) adds nothing
+            if not isinstance(extra, dict):
                 raise TypeError(f"the augment function must return a dict or None; it returned {type(extra).__name__}")
             yield event | extra
 
@@ -277,7 +350,8 @@ def augment(fn: Callable[[dict[str, Any]], dict[str, Any] | None]) -> Transform:
 
 def take(n: int) -> Transform:
     """A stage that yields the first `n` events and stops, never pulling an event more
-    (with `n=0` the source is not advanced at all, so no training step runs).
+    (with `n=0` the source is not advanced at all, so no training step runs). Reaching
+    `n` ends a `trainer.events()` run upstream; any other source can be taken from again.
 
     >>> pulled = []
     >>> def source():
@@ -287,13 +361,18 @@ def take(n: int) -> Transform:
     >>> list(take(2)(source())), pulled
     ([{'step': 0}, {'step': 1}], [0, 1])
     """
-    if not isinstance(n, int) or isinstance(n, bool):
-        raise TypeError(f"take(n): n must be an int; got {type(n).__name__} {n!r}")
+    n = _as_int("take(n): n", n)
     if n < 0:
         raise ValueError(f"take(n): n must be >= 0; got {n}")
 
+    @_stage
     def stage(events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        yield from islice(events, n)
+        taken = 0
+        for event in islice(events, n):
+            taken += 1
+            yield event
+        if taken == n:  # cut short, not run dry
+            _end_run(events)
 
     return stage
 
@@ -309,9 +388,10 @@ def tap(fn: Callable[[dict[str, Any]], Any], *, every: int = 1, start: int = 1) 
     """
     if not callable(fn):
         raise TypeError(f"tap needs a callable event -> any; got {type(fn).__name__}")
-    _check_positive_int("every", every)
-    _check_positive_int("start", start)
+    every = _check_positive_int("every", every)
+    start = _check_positive_int("start", start)
 
+    @_stage
     def stage(events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for number, event in enumerate(events, start=1):
             if number >= start and (number - start) % every == 0:
@@ -327,6 +407,7 @@ def tick(fn: Callable[[], Any]) -> Transform:
     if not callable(fn):
         raise TypeError(f"tick needs a callable with no arguments; got {type(fn).__name__}")
 
+    @_stage
     def stage(events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for event in events:
             fn()
@@ -348,7 +429,8 @@ def print_keys(*keys: str, precision: int = 4, include_step: bool = True, step_k
     >>> show({"loss": torch.tensor(1.5)})
     loss=1.50 ok=NA
     """
-    if not isinstance(precision, int) or precision < 0:
+    precision = _as_int("precision", precision)
+    if precision < 0:
         raise ValueError(f"precision must be an int >= 0; got {precision!r}")
     if not keys and not include_step:
         raise ValueError("print_keys needs at least one key when include_step=False")
@@ -368,7 +450,7 @@ def print_keys(*keys: str, precision: int = 4, include_step: bool = True, step_k
             step = event[step_key]
             try:
                 parts.append(f"{step_key}={int(step):04d}")
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # not a number, NaN, inf
                 parts.append(f"{step_key}={step}")
         parts += [f"{key}={text(event[key])}" if key in event else f"{key}=NA" for key in keys]
         print(" ".join(parts))
@@ -409,6 +491,7 @@ def ema(
         raise ValueError(f"decay must be in (0, 1); got {decay!r}")
     name = out_key or f"{key}_ema"
 
+    @_stage
     def stage(events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         average = 0.0
         for t, event in enumerate(events, start=1):
@@ -429,13 +512,14 @@ def early_stop(key: str, patience: int, *, mode: Literal["min", "max"] = "min", 
     `early_stop(events, key=..., patience=...)`; like fitstream 0.4, this is a stage:
     `early_stop(key="val_loss", patience=10)(events)` or a `pipe` stage.)
 
+    Stopping ends a `trainer.events()` run upstream (see the module docstring).
+
     >>> values = [5, 4, 4.5, 4.2, 3, 3.5]
     >>> [e["val"] for e in early_stop("val", patience=2)({"val": v} for v in values)]
     [5, 4, 4.5, 4.2]
     """
-    if not isinstance(key, str):
-        raise TypeError(f"early_stop(key, patience): key must be an event key (str); got {type(key).__name__}")
-    if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+    patience = _as_int("patience", patience)
+    if patience < 1:
         raise ValueError(f"patience must be an int >= 1; got {patience!r}")
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max'; got {mode!r}")
@@ -443,6 +527,7 @@ def early_stop(key: str, patience: int, *, mode: Literal["min", "max"] = "min", 
         raise ValueError(f"min_delta must be >= 0; got {min_delta!r}")
     sign = 1.0 if mode == "min" else -1.0  # compare as "lower is better"
 
+    @_stage
     def stage(events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         best = None
         stale = 0
@@ -454,6 +539,7 @@ def early_stop(key: str, patience: int, *, mode: Literal["min", "max"] = "min", 
                 stale += 1
             yield event
             if stale >= patience:
+                _end_run(events)
                 return
 
     return stage
@@ -481,14 +567,24 @@ def _check_include_exclude(include: Any, exclude: Any) -> None:
 
 
 def _plain(value: Any) -> Any:
-    """0-d tensors (also nested in dicts, lists) as Python numbers; anything else as is."""
-    if isinstance(value, torch.Tensor) and value.ndim == 0:
-        return value.item()
+    """0-d tensors (also nested in dicts, lists, tuples) as Python numbers; anything else,
+    and any container without such a tensor, as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.ndim == 0 else value
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        items = {k: _plain(v) for k, v in value.items()}
+        return items if any(items[k] is not v for k, v in value.items()) else value
     if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
+        items = [_plain(v) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
     return value
+
+
+_READ_EVERY = 1024  # collect() reads its pending tensors every this many events
 
 
 def collect(
@@ -500,8 +596,9 @@ def collect(
     """Run the stream to its end and return the events as a list of dicts, without
     `model` (and `trainer`), optionally keeping only `include` or dropping `exclude`.
 
-    0-d tensors (a trainer's per-step loss, grad_norm, records) become Python numbers,
-    read after the stream has ended, so collecting adds no host sync during training.
+    0-d tensors (a trainer's per-step loss, grad_norm, records) become Python numbers.
+    They are read in batches of 1024 events: one host sync per 1024 steps, and device
+    memory does not grow with the run's length.
 
     >>> collect([{"step": 1, "loss": torch.tensor(0.5), "model": None}])
     [{'step': 1, 'loss': 0.5}]
@@ -509,8 +606,15 @@ def collect(
     [{'loss': 0.5}]
     """
     _check_include_exclude(include, exclude)
-    rows = [_select(event, include, exclude) for event in events]
-    return [_plain(row) for row in rows]
+    rows: list[dict[str, Any]] = []
+    done = 0  # rows[:done] hold numbers already
+    for event in events:
+        rows.append(_select(event, include, exclude))
+        if len(rows) - done >= _READ_EVERY:
+            rows[done:] = [_plain(row) for row in rows[done:]]
+            done = len(rows)
+    rows[done:] = [_plain(row) for row in rows[done:]]
+    return rows
 
 
 def collect_jsonl(
@@ -548,7 +652,12 @@ def collect_jsonl(
 
 def _write_jsonl(events, file, include, exclude, flush: bool) -> None:
     for event in events:
-        file.write(json.dumps(_plain(_select(event, include, exclude))) + "\n")
+        try:
+            line = json.dumps(_plain(_select(event, include, exclude)))
+        except BaseException as error:  # a value JSON cannot hold: the run ends with the error
+            _abort_run(events, error)
+            raise
+        file.write(line + "\n")
         if flush:
             file.flush()
 
@@ -818,9 +927,20 @@ def live_plot(*keys: str, ax: Any = None, min_interval: float = 1.0) -> LivePlot
 # =========================================================================== helpers
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def _as_int(name: str, value: Any) -> int:
+    """`value` as an int: Python and numpy integers (anything with `__index__`), not bools."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int; got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}") from None
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return operator.index(value)
 
 
 def _sample_count(tensors: Sequence[torch.Tensor], name: str) -> int:

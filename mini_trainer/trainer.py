@@ -212,6 +212,7 @@ class BaseTrainer:
         self._skip_batches = 0  # batches to fast-forward after a resume (non-stateful loaders)
         self._loader_restored = False  # the loader's next iterator continues a checkpointed epoch
         self._fit_limits: tuple[int | None, int | None] | None = None  # fit(epochs=, steps=), relative
+        self._running = False  # a run is in progress (or suspended: an unfinished events() stream)
         self._restoring_hooks = 0  # on_before_train hooks with a negative priority (they restore state)
         self._param_key: tuple[int, int] | None = None
         self._params: list[torch.Tensor] = []
@@ -357,6 +358,15 @@ class BaseTrainer:
         self._build()
         if require_limit:
             self.check_limits()
+        self._check_not_running()
+        self._running = True  # until this generator ends: a second run now would corrupt this one
+        try:
+            yield from self._steps()
+        finally:
+            self._running = False
+
+    def _steps(self) -> Iterator[None]:
+        """Hooks before training, the steps, and the hooks that end the run."""
         self.should_stop = False
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -371,8 +381,10 @@ class BaseTrainer:
             method(self)
         try:
             while not self._finished():
+                done = self.step
                 self._run_step()
-                yield
+                if self.step > done:  # not when the data ran out before a step could be taken
+                    yield
         except GeneratorExit:
             # The consumer of events() stopped asking (take, early_stop, a break) between
             # two steps: an ordinary end, so the final checkpoint and logs are written.
@@ -393,24 +405,29 @@ class BaseTrainer:
         (unwrapped from DDP/compile) and `trainer`. Loss and metrics are device tensors:
         a stage that reads them (`float(...)`) syncs the host, nothing else does.
 
-        Hooks run as in `train()`. A step runs when the next event is asked for, so the
-        run ends when the consumer stops asking: at `epochs`/`steps` more (as in `fit()`),
-        at the constructor's limits, or, with no limit at all, when a stage like `take` or
-        `early_stop` ends the stream; then `on_after_train` runs (final checkpoint, logs).
-        A stream that is dropped unfinished ends the same way when it is closed or
-        garbage-collected; `with trainer.events() as events:` makes that moment explicit.
-        Under torchrun every rank must stop at the same event (decide on synced metrics).
+        Hooks run as in `train()`. A step runs when the next event is asked for. The run
+        ends at `epochs`/`steps` more (relative, as in `fit()`), at the constructor's
+        limits, or, with no limit at all, when `take` or `early_stop` stops the stream (they
+        close it): `on_after_train` runs then and there (final checkpoint, last log; what it
+        raises, such as a preemption exit, reaches you). An error in a `pipe` stage ends the
+        run through `on_exception`. A stream you stop yourself (`break`) is ended by
+        `close()`, by leaving `with trainer.events() as events:` (an error in the block
+        counts as the run's error), or else at garbage collection, where errors are lost;
+        until then the trainer refuses to start another run. Under torchrun every rank must
+        stop at the same event (decide on synced metrics).
         """
         check_int("epochs", epochs, minimum=1, allow_none=True)
         check_int("steps", steps, minimum=1, allow_none=True)
+        self._check_not_running()
         return TrainerEvents(self._step_events(epochs, steps))
 
     def _step_events(self, epochs: int | None, steps: int | None) -> Iterator[dict[str, Any]]:
+        self._build()
+        self._check_not_running()
+        model = self.unwrapped_model
         limits = self.max_steps, self.max_epochs
         if epochs is not None or steps is not None:
             self._fit_limits = (epochs, steps)  # applied once a checkpoint is restored
-        self._build()
-        model = self.unwrapped_model
         run = self._training(require_limit=False)
         try:
             for _ in run:
@@ -426,6 +443,14 @@ class BaseTrainer:
             run.close()  # a stopped consumer: on_after_train runs now, not at garbage collection
             self.max_steps, self.max_epochs = limits
             self._fit_limits = None
+
+    def _check_not_running(self) -> None:
+        if self._running:
+            raise RuntimeError(
+                "this trainer is still in a run: a stream from trainer.events() was left unfinished "
+                "(a break, an error outside a stage, or a variable still holding it). Close it first "
+                "(events.close()), or use `with trainer.events() as events:` so that it closes itself"
+            )
 
     def _apply_fit_limits(self) -> None:
         if self._fit_limits is None:
@@ -761,6 +786,7 @@ class BaseTrainer:
         check_int("steps", steps, minimum=1, allow_none=True)
         if data_loader is not None and not isinstance(data_loader, Iterable):
             raise TypeError(f"data_loader must be an iterable of batches; got {type(data_loader).__name__}")
+        self._check_not_running()
         if data_loader is not None:
             self._given["data_loader"] = data_loader  # what the default build_data_loader returns
         self._build()

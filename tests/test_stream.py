@@ -93,9 +93,9 @@ def test_iter_batches_aligned_last_batch_smaller_and_shuffle_is_a_permutation():
 
 def test_iter_batches_rejects_bad_input():
     with pytest.raises(ValueError, match="batch_size must be a positive int; got 0"):
-        list(iter_batches(torch.arange(3), batch_size=0))
+        iter_batches(torch.arange(3), batch_size=0)  # at the call, not at the first batch
     with pytest.raises(ValueError, match=r"first \(sample\) dimension.*\(3,\), \(4,\)"):
-        list(iter_batches(torch.arange(3), torch.arange(4)))
+        iter_batches(torch.arange(3), torch.arange(4))
 
 
 def test_epoch_stream_trains_and_emits_fitstream_keys():
@@ -244,8 +244,8 @@ def test_early_stop(values, kwargs, kept):
 
 
 def test_early_stop_rejects_bad_arguments():
-    with pytest.raises(TypeError, match="key must be an event key"):
-        early_stop([{"val": 1}], "val")
+    with pytest.raises(TypeError, match="patience must be an int"):
+        early_stop("val", "2")
     with pytest.raises(ValueError, match="patience must be an int >= 1; got 0"):
         early_stop("val", 0)
     with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
@@ -611,3 +611,143 @@ def test_the_readme_stream_examples_run(tmp_path, monkeypatch, capsys):
     lines = (tmp_path / "runs" / "a" / "events.jsonl").read_text().splitlines()
     assert lines and set(json.loads(lines[0])) == {"step", "loss", "val_loss"}
     assert namespace["trainer"].step == json.loads(lines[-1])["step"]
+
+
+# --------------------------------------------------------------------------- how a run ends
+
+
+class FailingEnd(BaseHook):
+    """Raises what a failed final save or a preemption exit raises at the end of a run."""
+
+    priority = {"on_after_train": 200, "default": 0}
+
+    def __init__(self, error):
+        self.error = error
+
+    def on_after_train(self, trainer):
+        raise self.error
+
+
+@pytest.mark.parametrize("stop", ["take", "early_stop", "own stage then take"])
+def test_a_stage_that_stops_the_stream_ends_the_run_in_the_consumers_frame(stop):
+    """What on_after_train raises (a failed final checkpoint, the exit code of a preemption
+    save) must reach the caller, not be lost at garbage collection."""
+    recorder = Recorder()
+    trainer = make_trainer(regression_batches(4, 8), hooks=[recorder, FailingEnd(SystemExit(143))])
+    stages = {
+        "take": [take(3)],
+        "early_stop": [augment(lambda e: {"flat": 1.0}), early_stop("flat", patience=2)],
+        "own stage then take": [lambda events: (e for e in events if e["step"] % 2), take(2)],
+    }[stop]
+    events = trainer.events()  # held in a variable: garbage collection would not end the run
+    with pytest.raises(SystemExit) as raised:
+        collect(pipe(events, *stages))
+    assert raised.value.code == 143
+    assert recorder.calls[-1] == "after" and recorder.calls[-2] == 3
+    assert trainer.step == 3 and not trainer._running
+
+
+def test_an_error_in_a_stage_ends_the_run_through_on_exception():
+    recorder = Recorder()
+    trainer = make_trainer(regression_batches(4, 8), hooks=[recorder])
+    events = trainer.events()
+
+    def bad(event):
+        if event["step"] == 2:
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        for _ in pipe(events, tap(bad), augment(lambda e: {"x": 1})):
+            pass
+    assert recorder.calls == ["before", 1, 2, "exception ZeroDivisionError"]
+    assert [e["step"] for e in trainer.events(steps=2)] == [3, 4]  # the trainer is free again
+
+
+def test_a_value_collect_jsonl_cannot_write_ends_the_run_through_on_exception():
+    recorder = Recorder()
+    trainer = make_trainer(regression_batches(4, 8), hooks=[recorder])
+    with pytest.raises(TypeError, match="JSON serializable"):
+        collect_jsonl(pipe(trainer.events(), augment(lambda e: {"bad": object()})), io.StringIO())
+    assert recorder.calls == ["before", 1, "exception TypeError"]
+
+
+def test_an_unfinished_stream_keeps_the_trainer_from_starting_another_run():
+    trainer = make_trainer(regression_batches(4, 8), max_steps=100)
+    events = trainer.events(steps=50)
+    next(events)
+    for start in (trainer.train, lambda: trainer.fit(steps=2), trainer.events):
+        with pytest.raises(RuntimeError, match="still in a run"):
+            start()
+    assert trainer.step == 1
+    events.close()
+    assert trainer.max_steps == 100  # the stream's relative limit is gone with it
+    assert trainer.fit(steps=2)["step"] == 3
+
+
+def test_no_event_without_a_step_when_a_loader_without_length_runs_dry():
+    class NoLength:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            return iter(self.batches)
+
+    trainer = make_trainer(NoLength(regression_batches(3, 8)))
+    events = list(pipe(trainer.events(epochs=1), ema("loss", decay=0.5)))
+    assert [e["step"] for e in events] == [1, 2, 3] and all("loss_ema" in e for e in events)
+
+
+def test_a_build_failure_leaves_no_relative_limit_behind():
+    class FlakyBuild(type(make_trainer(regression_batches(1, 1)))):
+        failures = 1
+
+        def build_optimizer(self):
+            if FlakyBuild.failures:
+                FlakyBuild.failures -= 1
+                raise OSError("transient")
+            return super().build_optimizer()
+
+    model = nn.Linear(4, 1)
+    trainer = FlakyBuild(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=regression_batches(2, 4),
+                         forward_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]), device="cpu")
+    with pytest.raises(OSError):
+        next(trainer.events(steps=5))
+    with pytest.raises(ValueError, match="needs a limit"):
+        trainer.train()
+
+
+def test_take_leaves_other_sources_open_like_fitstream():
+    x, y = _data(16)
+    model = _model()
+    events = epoch_stream((x, y), model, torch.optim.SGD(model.parameters(), lr=0.01), nn.MSELoss(), batch_size=8)
+    assert [e["step"] for e in take(2)(events)] == [1, 2]
+    assert [e["step"] for e in take(2)(events)] == [3, 4]  # "train 2 more epochs"
+
+
+def test_collect_reads_tensors_in_batches_and_keeps_containers(monkeypatch):
+    from collections import OrderedDict, namedtuple
+
+    monkeypatch.setattr(stream, "_READ_EVERY", 2)
+    Pair = namedtuple("Pair", "a b")
+    held = []
+
+    def source():
+        for i in range(5):
+            event = {"step": i, "loss": torch.tensor(float(i)), "pair": Pair(torch.tensor(1.0), "x"), "od": OrderedDict(k=1)}
+            held.append(event)
+            yield event
+
+    rows = collect(source())
+    assert [r["loss"] for r in rows] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert rows[0]["pair"] == Pair(1.0, "x") and type(rows[0]["pair"]) is Pair
+    assert rows[0]["od"] is held[0]["od"]  # nothing to convert: the same object
+
+
+def test_numpy_integers_falsy_augments_and_odd_steps_are_accepted_like_fitstream(capsys):
+    np = pytest.importorskip("numpy")
+    assert len(list(take(np.int64(2))([{"a": 1}] * 5))) == 2
+    assert len(list(tap(print, every=np.int64(3))([]))) == 0
+    print_keys("a", precision=np.int64(1))({"step": math.inf, "a": 1.25})
+    assert capsys.readouterr().out == "step=inf a=1.2\n"
+    assert list(augment(lambda e: [])([{"a": 1}])) == [{"a": 1}]
+    assert len(list(early_stop(0, patience=1)([{0: 1.0}, {0: 2.0}, {0: 3.0}]))) == 2

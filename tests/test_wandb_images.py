@@ -307,6 +307,31 @@ def test_failed_training_finishes_the_run_with_exit_code_1(wandb_env):
     assert sorted(run.metrics("loss")) == [2, 3]  # LoggingHook's flush on the failure came first
 
 
+def test_a_run_that_fails_to_finish_still_gets_its_final_checkpoint(wandb_env, caplog):
+    class FinishFails(WandbHook):
+        def _finish(self, exit_code):
+            super()._finish(exit_code)
+            raise ConnectionError("upload failed")
+
+    workspace = wandb_env / "ws"
+    trainer = make_trainer(regression_batches(8, 4), max_steps=6, workspace=workspace,
+                           hooks=[LoggingHook(interval=2), CheckpointingHook(interval=100), FinishFails()])
+    with caplog.at_level(logging.ERROR, logger="mini_trainer"):
+        trainer.train()
+    assert (workspace / "checkpoints" / "step_000000006").is_dir()
+    assert any("could not finish the W&B run: upload failed" in message for message in caplog.messages)
+
+
+@pytest.mark.parametrize("error, code", [(SystemExit(), 0), (SystemExit(143), 143), (SystemExit("bye"), 1), (KeyboardInterrupt(), 1)])
+def test_the_exit_code_of_a_run_that_ends_with_an_exception(wandb_env, error, code):
+    hook = WandbHook()
+    trainer = make_trainer(regression_batches(2, 4), max_steps=1, workspace=wandb_env / "ws", hooks=[hook])
+    hook.on_before_train(trainer)
+    hook.on_exception(trainer, error)
+    (run,) = offline_runs(wandb_env / "ws")
+    assert run.exit_code == code
+
+
 def test_init_kwargs_defaults_environment_and_explicit_keywords(wandb_env, monkeypatch):
     trainer = make_trainer(regression_batches(1, 4), max_steps=1, workspace=wandb_env / "ws")
     monkeypatch.delenv("WANDB_MODE")

@@ -155,20 +155,21 @@ class WandbHook(BaseHook):
                 "and training continues in the checkpoint's run %s",
                 self.run.id, self._saved_run_id,
             )
-            self._finish(exit_code=0)
+            self._finish_safely(exit_code=0)
 
     def on_after_train(self, trainer: BaseTrainer) -> None:
         self._training = False
-        self._finish(exit_code=0)
+        self._finish_safely(exit_code=0)
 
     def on_exception(self, trainer: BaseTrainer, error: BaseException) -> None:
-        # A SystemExit carries the process's exit code (e.g. 143: preempted and saved).
+        # A SystemExit carries the process's exit code (e.g. 143: preempted and saved);
+        # sys.exit() and sys.exit(0) are successes.
         self._training = False
-        code = error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else 1
-        try:
-            self._finish(exit_code=code)
-        except Exception as finish_error:  # noqa: BLE001 - the training error is the one to raise
-            logger.error("WandbHook: could not finish the W&B run after a failure: %s", finish_error)
+        if isinstance(error, SystemExit):
+            code = 0 if error.code is None else error.code if isinstance(error.code, int) else 1
+        else:
+            code = 1
+        self._finish_safely(exit_code=code)
 
     # ------------------------------------------------------------------ the run
 
@@ -244,6 +245,14 @@ class WandbHook(BaseHook):
             step = self._min_step
         run.log(data, step=step)
         self._min_step = step  # the same step again is fine: W&B merges it into that row
+
+    def _finish_safely(self, exit_code: int) -> None:
+        # A logging back end that fails to close must not cost the run its final checkpoint
+        # (CheckpointingHook saves after this hook) or replace the training error.
+        try:
+            self._finish(exit_code=exit_code)
+        except Exception as error:  # noqa: BLE001
+            logger.error("WandbHook: could not finish the W&B run: %s", error)
 
     def _finish(self, exit_code: int) -> None:
         run, self.run = self.run, None
