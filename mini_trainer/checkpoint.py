@@ -57,6 +57,7 @@ __all__ = [
     "prepare_checkpoint",
     "save_checkpoint",
     "write_checkpoint",
+    "write_file",
     "load_checkpoint",
     "list_checkpoints",
     "find_latest",
@@ -472,7 +473,7 @@ def write_checkpoint(
             "state": prepared.skeleton,
         }
         manifest["checksum"] = _manifest_checksum(manifest)  # the manifest is checked too, not just the files
-        _write_text(temporary / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False), fsync=fsync)
+        write_file(temporary / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False), fsync=fsync)
         if fsync:
             _fsync_dir(temporary)
     except BaseException:
@@ -495,7 +496,7 @@ def write_checkpoint(
         raise
     if fsync:
         _fsync_dir(root)
-    _write_text(root / LATEST, name + "\n", fsync=fsync, atomic=True)
+    write_file(root / LATEST, name + "\n", fsync=fsync, atomic=True)
     if displaced is not None:
         shutil.rmtree(displaced, ignore_errors=True)
     return final
@@ -527,17 +528,26 @@ def _manifest_checksum(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
 
 
-def _write_text(path: Path, text: str, *, fsync: bool, atomic: bool = False) -> None:
+def write_file(path: Path, data: str | bytes, *, fsync: bool, atomic: bool = False) -> None:
+    """Write `data` (text as UTF-8) to `path`. `atomic`: through a temporary file in the same
+    directory renamed into place, so a reader (or a process killed mid-write) sees the old
+    file or the whole new one, and a failed write leaves no temporary behind. `fsync`: on
+    disk before returning (and the rename too), so it also survives a power loss."""
     target = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}") if atomic else path
-    with open(target, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    if atomic:
-        os.replace(target, path)
-        if fsync:
-            _fsync_dir(path.parent)
+    try:
+        with open(target, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        if atomic:
+            os.replace(target, path)
+    except BaseException:
+        if atomic:
+            target.unlink(missing_ok=True)
+        raise
+    if atomic and fsync:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

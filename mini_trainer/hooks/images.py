@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, features
 
 from ..builder import REGISTRY
+from ..checkpoint import write_file
 from ..distributed import is_main_process
 from ..images import as_image_list, is_image_batch
 from ..utils import check_int
@@ -49,7 +49,7 @@ class ImageFileLoggerHook(BaseHook):
 
     Only the main process writes, and nothing is written for a `dry_run` call. Each file is
     written to a temporary file in the same directory and renamed into place, so a killed
-    process never leaves a truncated image behind (a stray `.*.tmp` file at worst).
+    process never leaves a truncated image behind (a stray `.<name>.tmp-*` file at worst).
     """
 
     def __init__(self, interval: int = 100, path: str | os.PathLike = "images", max_images: int = 8, format: str = "png") -> None:
@@ -92,7 +92,7 @@ class ImageFileLoggerHook(BaseHook):
             target_dir.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(images):
                 filename = f"{stem}_{i}.{self.format}" if batch else f"{stem}.{self.format}"
-                _write_atomically(target_dir / filename, _encode(image, _FORMATS[self.format]))
+                write_file(target_dir / filename, _encode(image, _FORMATS[self.format]), fsync=False, atomic=True)
 
 
 def _name_parts(name: Any) -> list[str]:
@@ -119,14 +119,3 @@ def _encode(image: Image.Image, pil_format: str) -> bytes:
         image.convert("RGBA" if has_alpha else "RGB").save(buffer, format=pil_format)
     return buffer.getvalue()
 
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    # open(..., "x") rather than mkstemp: the file gets the usual umask permissions, not 0600.
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
