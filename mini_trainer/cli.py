@@ -15,8 +15,9 @@ from typing import Any
 
 from . import __version__, distributed
 from .builder import build_from_cfg
-from .hooks import EmaHook
+from .checkpoint import CheckpointDirectoryError, CheckpointError
 from .config import load_config, parse_override
+from .hooks import EmaHook
 
 DESCRIPTION = """\
 mini_trainer command line.
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for text in args.overrides:
             parse_override(text)  # fail on syntax before doing any work
         cfg = load_config(args.config, args.overrides)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
+    except (ValueError, KeyError, TypeError, OSError) as err:
         parser.exit(2, f"mini-trainer: error: {_message(err)}\n")
     if args.print_config:
         print(json.dumps(cfg, indent=2, default=repr))
@@ -107,9 +108,17 @@ def run_train(cfg: dict[str, Any], evaluate: bool = True) -> int:
             trainer.build()
         if callable(getattr(trainer, "check_limits", None)):
             trainer.check_limits()
-    except (ValueError, KeyError, TypeError, ImportError, FileNotFoundError) as err:
+    except (ValueError, KeyError, TypeError, ImportError, OSError) as err:
         return _usage_error(_message(err))
-    trainer.train()
+    try:
+        trainer.train()
+    except (CheckpointDirectoryError, CheckpointError) as err:
+        # Before the first step these are the user's input: a checkpoint directory that
+        # cannot be written or that another run holds, a checkpoint that is missing or
+        # unusable (exit 2). Later (a rank failing a save) they end the run (exit 1).
+        started = bool(getattr(trainer, "step_info", None))
+        print(f"mini-trainer: error: {_message(err)}", file=sys.stderr)
+        return 1 if started else 2
     if evaluate and callable(getattr(trainer, "evaluate", None)):
         results = trainer.evaluate()
         for hook in getattr(trainer, "hooks", []):
@@ -129,8 +138,10 @@ def _usage_error(message: str) -> int:
 
 
 def _message(err: BaseException) -> str:
-    # KeyError quotes its message; show it plainly.
-    return err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    # KeyError quotes its message; show it plainly. One line, of a readable length.
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(text.split())
+    return text if len(text) <= 2000 else text[:1970] + f"... ({len(text)} characters)"
 
 
 if __name__ == "__main__":  # pragma: no cover

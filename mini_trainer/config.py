@@ -99,18 +99,21 @@ def merge_configs(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`"a.b.0=1e-3"` -> `(["a", "b", "0"], 0.001)`."""
     if not isinstance(text, str):
-        raise TypeError(f"override must be a 'key.path=value' string; got {type(text).__name__} {text!r}")
+        raise TypeError(f"override must be a 'key.path=value' string; got {type(text).__name__} {_shorten(repr(text))}")
     key, sep, raw = text.partition("=")
     key = key.strip()
     parts = key.split(".")
     if not sep or not key or any(not p for p in parts) or any(c.isspace() for c in key):
-        raise ValueError(f"override {text!r} must look like key.path=value (e.g. trainer.max_steps=100)")
-    return parts, _parse_value(raw.strip())
+        raise ValueError(f"override {_shorten(repr(text))} must look like key.path=value (e.g. trainer.max_steps=100)")
+    return parts, _parse_value(key, raw.strip())
 
 
-def _parse_value(raw: str) -> Any:
+def _parse_value(key: str, raw: str) -> Any:
     try:
         return ast.literal_eval(raw)
+    except (MemoryError, RecursionError):
+        # CPython's parser gives up on deep nesting ("too many nested parentheses").
+        raise ValueError(f"override {_shorten(key)}=...: the value ({len(raw)} characters) is too deeply nested (or too long an expression) to parse") from None
     except (ValueError, SyntaxError):
         lowered = raw.lower()
         if lowered in ("true", "false"):
@@ -169,3 +172,8 @@ def _index(node: list, part: str, where: str) -> int:
     if not -len(node) <= index < len(node):
         raise KeyError(f"override path {where!r}: index {index} out of range for a list of {len(node)}")
     return index
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters for an error message (an override may be huge)."""
+    return text if len(text) <= limit else f"{text[: limit - 30]}... ({len(text)} characters)"

@@ -34,12 +34,13 @@ import torch
 from torch import nn
 
 from . import distributed
-from .hooks.base import HOOK_EVENTS, BaseHook, hook_priority, overridden_events
+from .hooks.base import HOOK_EVENTS, BaseHook, call_each, hook_priority, overridden_events
 from .hooks.metrics import RESERVED_NAMES, StepMetrics
 from .data import epoch_sampler
 from .stream import Event, TrainerEvents
 from .precision import autocast_factory, default_grad_scaler, resolve_precision
-from .utils import MetricMeans, check_int, check_number, flatten_dict, map_nested_tensor, unflatten_dict, unwrap
+from .state import check_training_state, optimized_param_names, optimizer_state_by_index, optimizer_state_by_name
+from .utils import MetricMeans, check_directory_path, check_int, check_number, flatten_dict, map_nested_tensor, unflatten_dict, unwrap
 
 __all__ = ["BaseTrainer", "NonFiniteGradientError"]
 
@@ -141,8 +142,10 @@ class BaseTrainer:
         check_number("grad_clip", grad_clip, positive=True, allow_none=True)
         check_int("max_non_finite_grad_retries", max_non_finite_grad_retries, minimum=0, allow_none=True)
         check_int("gradient_accumulation_steps", gradient_accumulation_steps, minimum=1)
-        check_int("seed", seed, allow_none=True)
+        check_int("seed", seed, minimum=-(2**63), maximum=2**64 - 1, allow_none=True)  # what torch.manual_seed takes
         _check_optional_type("workspace", workspace, (str, Path))
+        if workspace is not None:
+            check_directory_path("workspace", workspace)
         _check_optional_type("logger", logger, logging.Logger)
         _check_optional_type("model", model, nn.Module)
         _check_optional_type("optimizer", optimizer, torch.optim.Optimizer)
@@ -282,7 +285,10 @@ class BaseTrainer:
         if self.seed is not None:
             seed_everything(self.seed)
         if self.workspace is not None and distributed.is_main_process():
-            self.workspace.mkdir(parents=True, exist_ok=True)
+            try:
+                self.workspace.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise OSError(err.errno, f"workspace {str(self.workspace)!r} cannot be created: {err.strerror or err}") from None
 
         model = self.build_model()
         if not isinstance(model, nn.Module):
@@ -374,12 +380,12 @@ class BaseTrainer:
         # relative limits then count from the restored step, and every other hook (progress,
         # ETA, logging) starts from it too.
         before_train = self._hooks_for["on_before_train"]
-        for method in before_train[: self._restoring_hooks]:
-            method(self)
-        self._apply_fit_limits()
-        for method in before_train[self._restoring_hooks :]:
-            method(self)
         try:
+            for method in before_train[: self._restoring_hooks]:
+                method(self)
+            self._apply_fit_limits()
+            for method in before_train[self._restoring_hooks :]:
+                method(self)
             while not self._finished():
                 done = self.step
                 self._run_step()
@@ -388,13 +394,20 @@ class BaseTrainer:
         except GeneratorExit:
             # The consumer of events() stopped asking (take, early_stop, a break) between
             # two steps: an ordinary end, so the final checkpoint and logs are written.
-            self._call_hooks("on_after_train")
+            self._end_run()
             raise
         except BaseException as error:
-            # Let hooks flush what they hold (metrics, progress bar, files); the error wins.
-            self._call_hooks("on_exception", error)
+            # Let every hook flush and release what it holds (metrics, progress bar, files,
+            # signal handlers, the directory lock), even if one of them fails; the error wins.
+            call_each(self._hooks_for["on_exception"], self, error, logger=self.logger, return_first=False)
             raise
-        self._call_hooks("on_after_train")
+        self._end_run()
+
+    def _end_run(self) -> None:
+        """Every hook's on_after_train, also after one failed; the first failure is raised."""
+        error = call_each(self._hooks_for["on_after_train"], self, logger=self.logger)
+        if error is not None:
+            raise error
 
     def events(self, *, epochs: int | None = None, steps: int | None = None) -> TrainerEvents:
         """Train lazily: an iterator of one event (a dict) per optimizer step, for the
@@ -843,7 +856,7 @@ class BaseTrainer:
         `"ranks"`, so that every rank resumes its own stream.
         """
         self._build()
-        model_state, optim_state = self._model_and_optimizer_state(sharded)
+        model_state, optim_state = self.model_and_optimizer_state(sharded)
         local = {
             "rng": rng_state(),
             "data_loader": self.data_loader.state_dict() if callable(getattr(self.data_loader, "state_dict", None)) else None,
@@ -875,13 +888,11 @@ class BaseTrainer:
         `EpochShuffleSampler` loader continues the epoch after the samples all ranks had
         trained on; other loaders restart the epoch's position by batch count (with a
         warning). `sharded=True` takes model/optimizer DTensor shards (`state_dict(sharded=True)`).
+        A state that does not fit (see `check_state_dict`) raises before anything is assigned.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"load_state_dict expects a dict from state_dict(); got {type(state_dict).__name__}")
-        missing = [k for k in ("step", "model", "optimizer") if k not in state_dict]
-        if missing:
-            raise KeyError(f"load_state_dict: the state has no {', '.join(map(repr, missing))} (keys: {', '.join(state_dict)})")
-        self._build()
+        self.check_state_dict(state_dict, sharded=sharded)
         self._load_model_and_optimizer_state(state_dict["model"], state_dict["optimizer"], sharded)
         if self.lr_scheduler is not None and state_dict.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
@@ -904,6 +915,15 @@ class BaseTrainer:
         if local.get("rng") is not None:
             set_rng_state(local["rng"])
         self._call_hooks("on_load_state_dict", state_dict)
+
+    def check_state_dict(self, state_dict: Mapping[str, Any], *, sharded: bool = False) -> None:
+        """Raise `CheckpointError` unless `state_dict` fits this trainer: counters are
+        integers >= 0, the model tensors have this model's names and shapes, the optimizer
+        state this optimizer's groups and shapes (see `mini_trainer.state`). Loading from
+        a run's checkpoints uses it to fall back to an older checkpoint that does fit."""
+        self._build()
+        strict = getattr(self.state_dict_options, "strict", True)
+        check_training_state(state_dict, self.unwrapped_model, self.optimizer, sharded=sharded, strict=strict)
 
     def _data_position(self) -> dict[str, int] | None:
         """Where this epoch stands over all ranks, in samples of the shared permutation
@@ -969,7 +989,9 @@ class BaseTrainer:
         # that loads onto any number of processes, with or without FSDP.
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
-    def _model_and_optimizer_state(self, sharded: bool = False) -> tuple[dict, dict]:
+    def model_and_optimizer_state(self, sharded: bool = False) -> tuple[dict, dict]:
+        """The model's and the optimizer's state dicts, as `state_dict()` holds them (with
+        `sharded=True`, this rank's DTensor shards: what DCP saves and loads into)."""
         options = self._state_dict_options(sharded)
         if options is not None:
             from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -979,7 +1001,7 @@ class BaseTrainer:
 
     def _load_model_and_optimizer_state(self, model_state: Mapping, optim_state: Mapping, sharded: bool = False) -> None:
         options = self._state_dict_options(sharded)
-        names = self._optimized_param_names()
+        names = optimized_param_names(self.unwrapped_model, self.optimizer)
         if options is not None:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -996,12 +1018,6 @@ class BaseTrainer:
             return
         self.unwrapped_model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state_by_index(optim_state, names))
-
-    def _optimized_param_names(self) -> list[str]:
-        """The model's name for each parameter, in the optimizer's order (how the two
-        optimizer state layouts, by index and by name, translate into each other)."""
-        names = {id(p): n for n, p in self.unwrapped_model.named_parameters()}
-        return [names.get(id(p), "") for group in self.optimizer.param_groups for p in group["params"]]
 
     # ======================================================================= models
 
@@ -1066,9 +1082,17 @@ def resolve_device(device: str | torch.device | int) -> torch.device:
     """"auto" -> cuda (this rank's LOCAL_RANK under torchrun) > mps > cpu. A "cuda"
     without an index is this rank's GPU too."""
     resolved = _resolve_device(device)
-    if resolved.type == "cuda" and resolved.index is None:
-        count = max(torch.cuda.device_count(), 1)
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % count)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = "built with CUDA, but no GPU is visible" if torch.backends.cuda.is_built() else "a build without CUDA"
+            raise ValueError(f"device={device!r} asks for CUDA, which is not available here (torch {torch.__version__}: {built}); use device='cpu' or 'auto'")
+        if resolved.index is None:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % count)
+        if resolved.index >= count:
+            raise ValueError(f"device={device!r}: there is no GPU {resolved.index} here ({count} visible: 0..{count - 1})")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} asks for Apple's MPS, which is not available here; use device='cpu' or 'auto'")
     return resolved
 
 
@@ -1135,41 +1159,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         np.random.set_state((name, keys.astype(np.uint32), int(position), int(has_gauss), float(cached_gaussian)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.clone() for s in state["cuda"]])
-
-
-def optimizer_state_by_name(state: Mapping[str, Any], names: Sequence[str]) -> Mapping[str, Any]:
-    """An optimizer state dict keyed by parameter index (`optimizer.state_dict()`) turned
-    into one keyed by parameter name (what DCP's `get_state_dict` gives and
-    `set_state_dict` takes); a by-name one is returned as it is. `names[i]` is the name of
-    the i-th parameter in the optimizer's order."""
-    groups = state.get("param_groups") or []
-    if all(isinstance(i, str) for group in groups for i in group.get("params", [])):
-        return state
-    def name(index: int) -> str:
-        if not 0 <= index < len(names) or not names[index]:
-            raise KeyError(f"the optimizer state refers to parameter #{index}, but the optimizer has {len(names)} named parameters")
-        return names[index]
-    return {
-        "state": {name(int(i)): value for i, value in state.get("state", {}).items()},
-        "param_groups": [{**group, "params": [name(int(i)) for i in group["params"]]} for group in groups],
-    }
-
-
-def optimizer_state_by_index(state: Mapping[str, Any], names: Sequence[str]) -> Mapping[str, Any]:
-    """The inverse of `optimizer_state_by_name`: a by-name optimizer state dict (e.g. from
-    an FSDP run) made loadable with `optimizer.load_state_dict`."""
-    groups = state.get("param_groups") or []
-    if not any(isinstance(i, str) for group in groups for i in group.get("params", [])):
-        return state
-    index = {n: i for i, n in enumerate(names)}
-    def position(name: str) -> int:
-        if name not in index:
-            raise KeyError(f"the optimizer state names parameter {name!r}, which this model's optimizer does not have")
-        return index[name]
-    return {
-        "state": {position(n): value for n, value in state.get("state", {}).items()},
-        "param_groups": [{**group, "params": [position(n) for n in group["params"]]} for group in groups],
-    }
 
 
 def _as_tuple(value: Any) -> Any:

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -290,16 +292,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------- validation
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none: bool = False) -> None:
-    """Raise unless `value` is an int (not bool) >= `minimum` (or None when allowed)."""
+def check_int(
+    name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None, allow_none: bool = False
+) -> None:
+    """Raise unless `value` is an int (not bool) in `minimum..maximum` (or None when allowed)."""
     if value is None and allow_none:
         return
-    allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+    if minimum is not None and maximum is not None:
+        allowed = f"an integer in {minimum}..{maximum}"
+    else:
+        allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (f" <= {maximum}" if maximum is not None else "")
     if allow_none:
         allowed += " or None"
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be {allowed}; got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {allowed}; got {value!r}")
 
 
@@ -320,3 +327,38 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_directory_path(name: str, path: str | os.PathLike) -> None:
+    """Raise ValueError, naming `name`, unless `path` can be a directory: no NUL byte, names
+    and the whole path within the filesystem's limits, and no existing file in the way
+    (at the path itself or a parent). Whether it can be written is known only on creation."""
+    text = os.fspath(path)
+    if "\x00" in text:
+        raise ValueError(f"{name} must not contain a NUL byte; got {text[:80]!r}")
+    if not text:
+        raise ValueError(f"{name} must not be empty")
+    absolute = Path(text).absolute()
+    existing = absolute
+    while existing != existing.parent:
+        try:
+            if existing.exists():
+                break
+        except OSError:  # a name too long to look up: reported below
+            pass
+        existing = existing.parent
+    limits = {"name": 255, "path": 4096}
+    try:
+        limits = {"name": os.pathconf(existing, "PC_NAME_MAX"), "path": os.pathconf(existing, "PC_PATH_MAX")}
+    except (OSError, ValueError, AttributeError):  # not every system reports them
+        pass
+    longest = max((len(os.fsencode(part)) for part in absolute.parts), default=0)
+    if longest > limits["name"]:
+        raise ValueError(f"{name} has a name of {longest} bytes; this filesystem allows {limits['name']} per name")
+    if len(os.fsencode(str(absolute))) >= limits["path"]:
+        raise ValueError(f"{name} is {len(os.fsencode(str(absolute)))} bytes long as an absolute path; this filesystem allows fewer than {limits['path']}")
+    if not existing.is_dir():
+        kind = "is a file" if existing.is_file() else "exists and is not a directory"
+        if existing == absolute:
+            raise ValueError(f"{name} {text[:200]!r} cannot be a directory: it {kind}")
+        raise ValueError(f"{name} {text[:200]!r} cannot be a directory: its parent {str(existing)!r} {kind}")

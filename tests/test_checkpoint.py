@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import pickle
+import subprocess
 
 import numpy as np
 import pytest
@@ -185,10 +186,10 @@ def test_a_kill_while_a_step_is_saved_again_loses_neither_copy(tmp_path, monkeyp
         if ".replaced-" in str(dst):
             raise KeyboardInterrupt  # stands for a kill between the two renames
 
-    monkeypatch.setattr(checkpoint.os, "replace", killed_after_moving_the_old_copy_aside)
+    monkeypatch.setattr(os, "replace", killed_after_moving_the_old_copy_aside)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_checkpoint(state, tmp_path)
-    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     found, loaded = checkpoint.find_latest(tmp_path)  # the moved copy is still found
     assert loaded["step"] == 2
     checkpoint.remove_temporaries(tmp_path)
@@ -200,13 +201,24 @@ def test_a_kill_while_a_step_is_saved_again_loses_neither_copy(tmp_path, monkeyp
 def test_find_latest_ignores_temporaries_and_uses_newest_complete(tmp_path):
     _, state = trained_state(steps=2)
     checkpoint.save_checkpoint(state, tmp_path)
-    (tmp_path / ".tmp-step_000000009-123-abcd").mkdir()  # a writer killed mid-way
-    (tmp_path / ".tmp-step_000000009-123-abcd" / "model.safetensors").write_bytes(b"partial")
+    dead = _exited_pid()
+    killed = tmp_path / f".tmp-step_000000009-{dead}-abcd"  # a writer killed mid-way
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"partial")
+    live = tmp_path / f".tmp-step_000000010-{os.getppid()}-0123abcd"  # a process still writing it
+    live.mkdir()
+    (tmp_path / ".trash-step_000000001-5-ab").mkdir()  # being deleted: nobody's
     found, _ = checkpoint.find_latest(tmp_path)
     assert found.name == "step_000000002"
     checkpoint.remove_temporaries(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "latest", "step_000000002"]
     assert checkpoint.find_latest(tmp_path / "nothing-here") is None
+
+
+def _exited_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def test_saving_the_same_step_again_replaces_it(tmp_path):
@@ -263,7 +275,7 @@ def test_manifest_cannot_point_outside_the_checkpoint(tmp_path):
     directory = checkpoint.save_checkpoint(state, tmp_path)
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
-    manifest["checksum"] = checkpoint._manifest_checksum(manifest)  # a deliberate edit, not damage
+    manifest["checksum"] = checkpoint.manifest_checksum(manifest)  # a deliberate edit, not damage
     (directory / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="outside"):
         checkpoint.load_checkpoint(directory)

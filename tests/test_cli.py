@@ -160,6 +160,89 @@ def test_errors_exit_2_with_message_on_stderr(args, needle):
 
 
 
+def _unwritable_directory(tmp_path: Path) -> str:
+    """An existing directory this process cannot create files in (root ignores modes)."""
+    if os.geteuid() != 0:
+        readonly = tmp_path / "readonly"
+        readonly.mkdir()
+        readonly.chmod(0o555)
+        return str(readonly)
+    if not os.path.isdir("/proc/self/fdinfo"):
+        pytest.skip("needs /proc to find a directory root cannot write")
+    return "/proc/self/fdinfo"
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("deep-override", "too deeply nested"),
+        ("workspace-file", "workspace"),
+        ("workspace-5000", "workspace"),
+        ("workspace-nul", "NUL byte"),
+        ("cuda-on-cpu", "CUDA, which is not available"),
+        ("seed-range", "seed must be an integer in"),
+        ("checkpoints-unwritable", "cannot write checkpoints to"),
+        ("checkpoints-dev-null", "cannot write checkpoints to '/dev/null'"),
+        ("load-missing", "no checkpoint at"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(tmp_path, case, needle):
+    """Every mistake in the input is reported before training starts, in one line."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    ws = f"trainer.workspace={tmp_path / 'ws'}"
+    if case == "cuda-on-cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    args = {
+        "deep-override": lambda: [ws, "trainer.grad_clip=" + "-" * 100_000 + "1"],
+        "workspace-file": lambda: [f"trainer.workspace={a_file}"],
+        "workspace-5000": lambda: [f"trainer.workspace={tmp_path / ('w' * 5000)}"],
+        "workspace-nul": lambda: [f"trainer.workspace='{tmp_path}/w\\x00s'"],  # a Python literal with a NUL
+        "cuda-on-cpu": lambda: [ws, "trainer.device='cuda'"],
+        "seed-range": lambda: [ws, "trainer.seed=" + str(2**64)],
+        "checkpoints-unwritable": lambda: [ws, f"trainer.hooks.2.path={_unwritable_directory(tmp_path)}"],
+        "checkpoints-dev-null": lambda: [ws, "trainer.hooks.2.path=/dev/null"],
+        "load-missing": lambda: [ws, f"trainer.hooks.2.load={tmp_path / 'nothing'}"],
+    }[case]()
+    proc = run_cli("train", CONFIG, "trainer.max_steps=60", *args)
+    assert proc.returncode == 2, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("mini-trainer: error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
+    assert len(errors[0]) < 2100
+    assert not (tmp_path / "ws" / "metrics.jsonl").exists()  # no step was trained
+
+
+HOLD_LOCK = """
+import sys, time
+from mini_trainer.checkpoint import DirectoryLock
+DirectoryLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_run_in_a_locked_directory_is_refused_naming_the_holder(tmp_path):
+    (tmp_path / "ws" / "checkpoints").mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "ws" / "checkpoints")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = run_cli("train", CONFIG, "trainer.max_steps=60", f"trainer.workspace={tmp_path / 'ws'}")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert f"in use by another run (pid {holder.pid} on host" in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    proc = run_cli("train", CONFIG, "trainer.max_steps=60", f"trainer.workspace={tmp_path / 'ws'}", "--no-eval")
+    assert proc.returncode == 0, proc.stderr[-3000:]  # a killed holder does not block the next run
+
+
 def test_config_without_a_limit_is_a_usage_error(tmp_path):
     config = tmp_path / "nolimit.py"
     config.write_text(

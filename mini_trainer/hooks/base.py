@@ -11,7 +11,8 @@ it stores are this step's).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -44,7 +45,13 @@ class BaseHook:
     - `on_state_dict(trainer, state_dict)` / `on_load_state_dict(trainer, state_dict)`: put
       this hook's state into `state_dict["hooks"][<a key of your own>]` and read it back.
     - `on_exception(trainer, error)`: training is ending with `error` (raised again right
-      after): flush and close what the hook holds. `on_after_train` does not run then.
+      after), also one raised by another hook's `on_before_train`: flush and close what the
+      hook holds. `on_after_train` does not run then.
+
+    `on_after_train` and `on_exception` run for every hook even when one of them raises
+    (a full disk in one hook must not keep the others from closing files, restoring signal
+    handlers or awaiting a save in flight); the first error is raised afterwards, the
+    others are logged.
     """
 
     #: Run order among hooks (lower first): an int, or `{event: int, "default": int}` for
@@ -91,3 +98,26 @@ def hook_priority(hook: BaseHook, event: str = "default") -> int:
     if isinstance(priority, Mapping):
         return priority.get(event, priority.get("default", 0))
     return priority
+
+
+def call_each(
+    methods: Sequence[Callable[..., Any]], trainer: BaseTrainer, *args: Any, logger: logging.Logger, return_first: bool = True
+) -> BaseException | None:
+    """Call every method, also after one raised. Returns the first error (the caller
+    raises it) and logs the others with their tracebacks; `return_first=False` logs them
+    all (the run already has an error of its own to raise)."""
+    first: BaseException | None = None
+    for method in methods:
+        try:
+            method(trainer, *args)
+        except BaseException as error:  # SystemExit and KeyboardInterrupt too: the rest must still run
+            if first is None and return_first:
+                first = error
+            else:
+                logger.error("%s also failed while the run was ending: %r", _qualname(method), error, exc_info=error)
+    return first
+
+
+def _qualname(method: Callable[..., Any]) -> str:
+    owner = getattr(method, "__self__", None)
+    return f"{type(owner).__name__}.{method.__name__}" if owner is not None else getattr(method, "__qualname__", repr(method))

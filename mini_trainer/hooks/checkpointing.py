@@ -5,19 +5,19 @@ The contract users rely on: kill the process at any instant, start the same comm
 and the run ends with the same weights, bit for bit, as one that never stopped. The state
 saved is `trainer.state_dict()` (model, optimizer, scheduler, scaler, counters, data-loader
 position, RNG, hook states) written by `mini_trainer.checkpoint` (atomic, hashed, no pickle).
+While a run trains, rank 0 holds a lock on the checkpoint directory: a second run started
+into it fails at once instead of deleting and resuming from this run's checkpoints.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import os
 import signal
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -45,7 +45,9 @@ class CheckpointingHook(BaseHook):
         keep_previous: how many of the newest checkpoints to keep (>= 1).
         keep_interval: also keep every checkpoint whose step is a multiple of this.
         path: the checkpoint directory; a relative path is taken inside `trainer.workspace`
-            when the trainer has one.
+            when the trainer has one. It is created, probed for writing and locked for
+            this run before the first step (`CheckpointDirectoryError` otherwise: not
+            writable, or in use by another run, named with its pid and host).
         load: where to resume from when training starts (a relative path is taken from the
             current directory, unlike `path`).
             "latest": the newest valid checkpoint in `path` (none: start from scratch).
@@ -148,15 +150,33 @@ class CheckpointingHook(BaseHook):
         self._pending: concurrent.futures.Future | None = None
         self._staging = checkpoint.StagingBuffers()
         self._cleaned = False
+        self._lock: checkpoint.DirectoryLock | None = None
 
     # ------------------------------------------------------------------ events
 
     def on_before_train(self, trainer: BaseTrainer) -> None:
         self.directory = self._resolve(trainer)
+        # Before any training time is spent: a directory we cannot write would lose the
+        # whole run at its first save; one that another run writes would mix the two.
+        _agreed(self._claim_directory)
         if not self._started:
             self._started = True
             self._resume(trainer)
         self._install_signal_handlers()
+
+    def _claim_directory(self) -> None:
+        if not distributed.is_main_process():
+            return
+        assert self.directory is not None
+        checkpoint.prepare_directory(self.directory)
+        if self._lock is None or self._lock.root != self.directory:
+            self._release_directory()
+            self._lock = checkpoint.DirectoryLock(self.directory)
+        self._lock.acquire()
+
+    def _release_directory(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
         signum = self._agreed_signal()
@@ -178,6 +198,7 @@ class CheckpointingHook(BaseHook):
         finally:
             self._restore_signal_handlers()
             self._staging = checkpoint.StagingBuffers()  # give the copy's memory back between runs
+            self._release_directory()
 
     def on_exception(self, trainer: BaseTrainer, error: BaseException) -> None:
         # No new save: a step that raised may have left the state half-updated. A save in
@@ -187,6 +208,8 @@ class CheckpointingHook(BaseHook):
             self.wait()
         except Exception as write_error:  # noqa: BLE001 - the training error is the one to raise
             logger.error("the checkpoint being written when training failed was lost: %s", write_error)
+        finally:
+            self._release_directory()
 
     # ------------------------------------------------------------------ saving
 
@@ -227,18 +250,13 @@ class CheckpointingHook(BaseHook):
     def _save_sharded(self, trainer: BaseTrainer, directory: Path, started: float) -> Path | None:
         """Every rank writes its model/optimizer shards with DCP into one temporary
         directory; then rank 0 adds the rest, hashes everything and renames it into place."""
-        import torch.distributed.checkpoint as dcp
-
         state = trainer.state_dict(sharded=True)
         shards = {"model": state["model"], "optimizer": state["optimizer"]}
-        state = {**state, "model": {}, "optimizer": {}, "sharded": checkpoint.SHARDED_DIR}
+        state = {**state, "model": {}, "optimizer": {}, "sharded": True}
         main = distributed.is_main_process()
         temporary = _agreed(lambda: checkpoint.new_temporary(directory, trainer.step) if main else None)
         temporary = Path(distributed.broadcast_object(str(temporary) if main else None))
-        # DCP's FileSystemWriter fsyncs each shard; its save ends once every rank's is written
-        # (and raises on every rank if one failed).
-        with _single_process_dcp_quiet():
-            dcp.save(shards, checkpoint_id=temporary / checkpoint.SHARDED_DIR)
+        checkpoint.save_sharded(shards, temporary / checkpoint.SHARDED_DIR)
 
         def write_on_main() -> Path | None:
             if not main:
@@ -288,11 +306,11 @@ class CheckpointingHook(BaseHook):
         every rank loads the same checkpoint even if one of them sees the files change."""
         assert self.directory is not None
         choice: tuple[str, str | None] = ("none", None)
-        state: dict[str, Any] | None = None
+        loaded: checkpoint.LoadedCheckpoint | None = None
         error: Exception | None = None
         if distributed.is_main_process():
             try:
-                choice, state = self._choose_source()
+                choice, loaded = self._choose_source(trainer)
             except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
                 if not distributed.is_distributed():
                     raise
@@ -305,21 +323,24 @@ class CheckpointingHook(BaseHook):
         if kind == "none":
             return
         source = Path(detail)
-        # Every rank but 0 reads it now (rank 0 has, and verified the DCP shard files too);
+        # Every rank but 0 reads it now (rank 0 has, and hashed the DCP shard files too);
         # all agree, so that one failing read does not leave the others waiting.
-        loaded = state
-        state = _agreed(lambda: loaded if loaded is not None else checkpoint.load_checkpoint(source, verify_directories=False))
+        mine = loaded
+        loaded = _agreed(lambda: mine if mine is not None else checkpoint.read_checkpoint(source, sharded=self.sharded, verify_directories=False))
+        state = loaded.state
         if kind == "own":
             self._last_saved_step = int(state["step"])
-        if state.get("sharded"):
-            self._load_shards(trainer, source, state)
+        if loaded.sharded_files is not None:
+            self._load_shards(trainer, loaded)
         else:
             trainer.load_state_dict(state)
         self.resumed_from = source
         logger.info("resumed from %s at step %d (epoch %d)", source, trainer.step, trainer.epoch)
 
-    def _choose_source(self) -> tuple[tuple[str, str | None], dict[str, Any] | None]:
-        """(("own" | "load" | "none", path), state) on the main process."""
+    def _choose_source(self, trainer: BaseTrainer) -> tuple[tuple[str, str | None], checkpoint.LoadedCheckpoint | None]:
+        """(("own" | "load" | "none", path), checkpoint) on the main process. Only
+        checkpoints that verify and fit the trainer are chosen; in this run's own directory
+        an unusable newest one is skipped for the one before (with a warning)."""
         assert self.directory is not None
         if self.load is None:
             existing = checkpoint.list_checkpoints(self.directory)
@@ -330,28 +351,29 @@ class CheckpointingHook(BaseHook):
                     "or a different path to start a new run"
                 )
             return ("none", None), None
-        own = checkpoint.find_latest(self.directory)
+
+        def fits(state: Any) -> None:
+            trainer.check_state_dict(state, sharded=bool(state.get("sharded")))
+
+        own = checkpoint.latest_checkpoint(self.directory, sharded=self.sharded, check=fits)
         if own is not None:
-            return ("own", str(own[0])), own[1]
+            return ("own", str(own.path)), own
         if self.load != "latest":
-            source = Path(self.load)
-            return ("load", str(source)), checkpoint.load_checkpoint(source)
+            loaded = checkpoint.read_checkpoint(Path(self.load), sharded=self.sharded, check=fits)
+            return ("load", str(loaded.path)), loaded
         logger.info("no checkpoint in %s: starting from scratch", self.directory)
         return ("none", None), None
 
     @staticmethod
-    def _load_shards(trainer: BaseTrainer, source: Path, state: dict[str, Any]) -> None:
+    def _load_shards(trainer: BaseTrainer, loaded: checkpoint.LoadedCheckpoint) -> None:
         """Read model/optimizer shards into this rank's sharded state (DCP reshards when the
-        number of processes changed), then restore the whole state."""
-        import torch.distributed.checkpoint as dcp
-
-        if source.is_file() or not (source / str(state["sharded"])).is_dir():
-            raise checkpoint.CheckpointError(f"{source}: a sharded checkpoint without its {state['sharded']}/ directory")
-        model_state, optim_state = trainer._model_and_optimizer_state(sharded=True)
+        number of processes changed), then restore the whole state. The shards are read
+        only from `sharded/` inside the checkpoint, never from a path the checkpoint names."""
+        model_state, optim_state = trainer.model_and_optimizer_state(sharded=True)
         shards = {"model": model_state, "optimizer": optim_state}
-        with _single_process_dcp_quiet():  # resuming a sharded run on one process is fine
-            dcp.load(shards, checkpoint_id=source / str(state["sharded"]))
-        trainer.load_state_dict({**state, **shards}, sharded=True)
+        assert loaded.sharded_files is not None
+        checkpoint.load_sharded(shards, loaded.path / checkpoint.SHARDED_DIR, loaded.sharded_files)
+        trainer.load_state_dict({**loaded.state, **shards}, sharded=True)
 
     # ------------------------------------------------------------------ signals
 
@@ -393,15 +415,6 @@ class CheckpointingHook(BaseHook):
         self._signal = None  # handled: a later train() in this process starts clean
         self._restore_signal_handlers()
         raise SystemExit(code)
-
-
-@contextlib.contextmanager
-def _single_process_dcp_quiet() -> Iterator[None]:
-    """DCP warns on every call without a process group; one process is a supported case."""
-    with warnings.catch_warnings():
-        if not distributed.is_distributed():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
 
 
 def _agreed(action: Callable[[], _T]) -> _T:

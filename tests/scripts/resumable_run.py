@@ -20,7 +20,7 @@ import signal
 import torch
 from torch import nn
 
-from mini_trainer import BaseTrainer, CheckpointingHook, EmaHook, checkpoint
+from mini_trainer import BaseTrainer, CheckpointingHook, EmaHook
 from mini_trainer.data import tensor_loader
 from mini_trainer.hooks import BaseHook
 from mini_trainer.schedules import warmup_cosine
@@ -62,7 +62,7 @@ if args.kill_after_fsync:
                 print("killed after fsync of", ", ".join(fsyncs), flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint.os.fsync = fsync_then_maybe_die  # the checkpoint module's os: every fsync of a save
+    os.fsync = fsync_then_maybe_die  # every fsync of a save (the checkpoint package calls os.fsync)
 
 
 class Resumable(BaseTrainer):
