@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -22,6 +23,8 @@ from torch import nn
 
 __all__ = [
     "PARALLELISM",
+    "INIT_TIMEOUT",
+    "note_failed_run",
     "launched_world",
     "rank_and_world",
     "init_from_env",
@@ -78,10 +81,20 @@ def rank_and_world() -> tuple[int, int]:
         return 0, 1
 
 
-def init_from_env(device: torch.device, timeout: float | None = None) -> bool:
+#: Seconds `init_from_env` waits for every process to join (the trainer's default; set it
+#: before `build()` for ranks that start far apart). Processes torchrun starts together
+#: arrive within seconds; torch's default (30 minutes on gloo) would make a group that
+#: cannot form (a process died before joining) a half-hour wait.
+INIT_TIMEOUT = 300.0
+
+
+def init_from_env(device: torch.device, timeout: float | None = None, init_timeout: float | None = None) -> bool:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
     environment): NCCL for CUDA devices, gloo otherwise. Does nothing and returns False when
-    a group already exists or no launcher set WORLD_SIZE. The group is destroyed at exit."""
+    a group already exists or no launcher set WORLD_SIZE. The group is destroyed at exit.
+
+    `timeout`: seconds a collective may wait (None: torch's default); `init_timeout`:
+    seconds to wait for every process to join, then raise (None: `INIT_TIMEOUT`)."""
     if is_distributed() or "WORLD_SIZE" not in os.environ or not dist.is_available():
         return False
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
@@ -90,16 +103,66 @@ def init_from_env(device: torch.device, timeout: float | None = None) -> bool:
             f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} is not: start the "
             "processes with torchrun (it sets all of them), or initialise the process group yourself"
         )
-    kwargs: dict[str, Any] = {}
-    if timeout is not None:
-        kwargs["timeout"] = datetime.timedelta(seconds=timeout)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    collective = datetime.timedelta(seconds=timeout) if timeout is not None else _default_timeout(backend)
+    joining = datetime.timedelta(seconds=INIT_TIMEOUT if init_timeout is None else init_timeout)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, **kwargs)
-    else:
-        dist.init_process_group("gloo", **kwargs)
+    try:
+        store = _join_store(rank, world, joining)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=joining, **kwargs)
+    except RuntimeError as err:  # a store or connect timeout, a peer that went away
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        raise RuntimeError(
+            f"rank {rank} could not join the process group of {world} processes within "
+            f"{joining.total_seconds():.0f}s{f' (torchrun attempt {attempt})' if attempt else ''}: another "
+            f"process did not start or died before joining (see its log). {type(err).__name__}: {err}"
+        ) from err
+    if joining != collective:  # joining is bounded; collectives get the usual patience
+        dist.distributed_c10d._set_pg_timeout(collective)
+        store.set_timeout(collective)
     atexit.register(_destroy_at_exit)
     return True
+
+
+def _default_timeout(backend: str) -> datetime.timedelta:
+    from torch.distributed import constants
+
+    nccl = getattr(constants, "default_pg_nccl_timeout", None)
+    return nccl if backend == "nccl" and nccl is not None else constants.default_pg_timeout
+
+
+def _join_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The store in torchrun's environment (what init_process_group's env:// makes), with
+    keys of its own for each restart of the workers under torchrun.
+
+    torchrun's agent (c10d rendezvous, e.g. `--standalone`; TORCHELASTIC_USE_AGENT_STORE)
+    keeps one TCPStore for the whole job and hands it to every restart of the workers. The
+    keys a process group writes there while forming (gloo: each rank's address; NCCL: its
+    unique id) are the same each time, so a restarted rank may read the address of a dead
+    rank of the previous attempt: its connect is refused (exit 1), or both ranks wait for
+    the other to connect, forever (gloo's wait there has no timeout). The agent counts the
+    restarts of its workers (TORCHELASTIC_RESTART_COUNT); with several nodes the counts
+    agree when every node's workers fail and restart together."""
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    prefix = "default_pg"  # init_process_group's own
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        prefix = f"mini_trainer/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{prefix}"
+    return dist.PrefixStore(prefix, store)
+
+
+_failed_run = False
+
+
+def note_failed_run() -> None:
+    """Record that training on this rank ended with an error (not an agreed exit such as
+    a preemption's SystemExit): the teardown at exit then does not wait for the others,
+    which may be blocked in a collective this rank will never join. The trainer calls it,
+    so a script that catches the error and exits with sys.exit(1) is covered too."""
+    global _failed_run
+    _failed_run = True
 
 
 def _destroy_at_exit() -> None:
@@ -108,7 +171,14 @@ def _destroy_at_exit() -> None:
     if not is_distributed():
         return
     try:
-        barrier(timeout=30.0)  # a rank still sending would otherwise talk to a closed peer
+        # Not when the process dies of an uncaught exception (sys.exit(), and so the exit
+        # 143 of a preemption, still waits): another rank may be blocked in a collective
+        # this one never joins. The barrier's gloo work would wait for that rank, past
+        # the barrier's own timeout, and freeing the group waits for that work: neither
+        # process would exit, and torchrun, which restarts the group when one does, would
+        # never know (seen: 30+ minutes).
+        if getattr(sys, "last_value", None) is None and not _failed_run:
+            barrier(timeout=30.0)  # a rank still sending would otherwise talk to a closed peer
         dist.destroy_process_group()
     except Exception as err:  # noqa: BLE001 - the run's work is done; report and exit
         logger.warning("could not tear down the process group cleanly at exit: %s", err)

@@ -400,6 +400,8 @@ class BaseTrainer:
             # Let every hook flush and release what it holds (metrics, progress bar, files,
             # signal handlers, the directory lock), even if one of them fails; the error wins.
             call_each(self._hooks_for["on_exception"], self, error, logger=self.logger, return_first=False)
+            if not isinstance(error, SystemExit):  # a preemption's exit is agreed by all ranks; errors are not
+                distributed.note_failed_run()
             raise
         self._end_run()
 

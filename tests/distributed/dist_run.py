@@ -3,9 +3,10 @@
 A small MLP on fixed synthetic data, loaded with `mini_trainer.data.tensor_loader` (each rank
 reads its share). Options switch on what a test needs: the parallelism, per-rank batch
 size, accumulation, clipping, checkpoints (full or sharded), a NaN loss / a stop request / a
-signal / a SIGKILL on one rank only, counting gradient collectives per micro-step, sync'd
-metrics. Rank 0 writes `result.json` and the final full model to `final.safetensors` in
-the workspace; every rank writes `rank<N>.json`.
+signal / a SIGKILL on one rank only (or a death at a chosen point in each torchrun attempt),
+counting gradient collectives per micro-step, sync'd metrics. Rank 0 writes `result.json`
+and the final full model to `final.safetensors` in the workspace; every rank writes
+`rank<N>.json`.
 """
 
 import argparse
@@ -13,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +45,13 @@ parser.add_argument("--nan", default=None, help="RANK:STEP: that rank's loss is 
 parser.add_argument("--stop", default=None, help="RANK:STEP: that rank alone asks to stop after STEP")
 parser.add_argument("--sigterm", default=None, help="RANK:STEP: that rank alone gets SIGTERM during STEP")
 parser.add_argument("--sigkill", default=None, help="RANK:STEP: that rank SIGKILLs itself after STEP")
+parser.add_argument(
+    "--kill-at",
+    default=None,
+    help="ATTEMPT:RANK:STEP:WHERE,...: on torchrun attempt ATTEMPT (TORCHELASTIC_RESTART_COUNT) that rank SIGKILLs "
+    "itself during STEP: in forward, writing the checkpoint (the rank that writes), or 1 s into the first all-reduce "
+    "of the step (the other rank is blocked in it); or 'raise': an exception in forward",
+)
 parser.add_argument("--retries", type=int, default=2)
 parser.add_argument("--fail-write", type=int, default=None, help="RANK: writing a checkpoint fails there (disk full)")
 parser.add_argument("--events", type=int, default=None, help="no step limit: consume trainer.events() through take(N)")
@@ -58,6 +67,26 @@ def rank_step(option):
 
 
 RANK = int(os.environ.get("RANK", "0"))
+ATTEMPT = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+KILL_AT = {}  # where -> step, for this rank in this torchrun attempt
+for item in filter(None, (args.kill_at or "").split(",")):
+    attempt, rank, step, where = item.split(":")
+    if attempt == ATTEMPT and int(rank) == RANK:
+        KILL_AT[where] = int(step)
+TAKING = {"step": 0}  # the step being taken
+
+
+def die_here(where):
+    if KILL_AT.get(where) != TAKING["step"]:
+        return
+    if where == "allreduce":
+        time.sleep(1.0)  # the other rank is blocked in this all-reduce by now
+    print(f"KILL rank {RANK} attempt {ATTEMPT} step {TAKING['step']} at {where}", flush=True)
+    if where == "raise":
+        raise RuntimeError(f"simulated failure on rank {RANK}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(1234)
 X = torch.randn(96, 8, generator=g)
@@ -83,6 +112,8 @@ class Run(BaseTrainer):
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0 / (1 + 0.1 * s))
 
     def forward(self, batch):
+        die_here("forward")
+        die_here("raise")
         x, y = batch
         loss = nn.functional.mse_loss(self.model(x), y)
         nan_rank, nan_step = rank_step(args.nan)
@@ -105,6 +136,7 @@ class Faults(BaseHook):
     """Per-rank faults, and a record of what every step saw."""
 
     def on_before_step(self, trainer):
+        TAKING["step"] = trainer.step + 1
         rank, step = rank_step(args.sigterm)
         if RANK == rank and trainer.step + 1 == step:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -131,6 +163,22 @@ if args.fail_write == RANK:
         raise OSError(28, "No space left on device (simulated)")
 
     checkpoint.write_checkpoint = disk_full
+
+if KILL_AT:
+    from mini_trainer.checkpoint import writing  # the module that writes the manifest
+
+    write_file, agree_max = writing.write_file, distributed.agree_max
+
+    def write_file_or_die(path, *rest, **options):  # the checkpoint's tensors are written, its manifest not
+        if Path(path).name == "manifest.json":
+            die_here("write")
+        return write_file(path, *rest, **options)
+
+    def agree_max_or_die(value):
+        die_here("allreduce")
+        return agree_max(value)
+
+    writing.write_file, distributed.agree_max = write_file_or_die, agree_max_or_die
 
 counts: list[int] = []
 seen: list[dict] = []

@@ -4,6 +4,8 @@ joining from torchrun's environment, and FSDP2 wrapping on a 1-process gloo grou
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -116,6 +118,22 @@ def test_torchrun_environment_without_rendezvous_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(RuntimeError, match="RANK, MASTER_ADDR"):
         distributed.init_from_env(torch.device("cpu"))
+
+
+def test_a_restarted_group_joins_under_keys_of_its_own_and_times_out_clearly(monkeypatch):
+    """Under torchrun the store outlives a restart of the workers (TORCHELASTIC_USE_AGENT_STORE):
+    attempt 1 must not read the addresses attempt 0 left there. Rank 1 never comes, so
+    joining ends within init_timeout, saying so."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in [("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(server.port)),
+                        ("TORCHELASTIC_USE_AGENT_STORE", "True"), ("TORCHELASTIC_RESTART_COUNT", "1")]:
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 0 could not join the process group of 2 processes within 2s \(torchrun attempt 1\)"):
+        distributed.init_from_env(torch.device("cpu"), init_timeout=2)
+    assert time.monotonic() - started < 10
+    assert not distributed.is_distributed()
+    assert server.check(["mini_trainer/attempt_1/default_pg/0//cpu//0/0"])  # gloo's key for rank 0's address
 
 
 def test_single_process_run_with_ddp_or_fsdp_wraps_nothing():
