@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 
@@ -41,3 +45,16 @@ def make_trainer(batches, *, lr: float = 0.1, optimizer: str = "sgd", seed: int 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def unwritable_directory(tmp_path: Path) -> Path:
+    """An existing directory this process cannot create files in (root ignores file modes,
+    so as root: one of /proc's)."""
+    if os.geteuid() != 0:
+        readonly = tmp_path / "readonly"
+        readonly.mkdir()
+        readonly.chmod(0o555)
+        return readonly
+    if not os.path.isdir("/proc/self/fdinfo"):
+        pytest.skip("needs /proc to find a directory root cannot write")
+    return Path("/proc/self/fdinfo")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import unwritable_directory
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/digits_mlp.py"
@@ -160,18 +161,6 @@ def test_errors_exit_2_with_message_on_stderr(args, needle):
 
 
 
-def _unwritable_directory(tmp_path: Path) -> str:
-    """An existing directory this process cannot create files in (root ignores modes)."""
-    if os.geteuid() != 0:
-        readonly = tmp_path / "readonly"
-        readonly.mkdir()
-        readonly.chmod(0o555)
-        return str(readonly)
-    if not os.path.isdir("/proc/self/fdinfo"):
-        pytest.skip("needs /proc to find a directory root cannot write")
-    return "/proc/self/fdinfo"
-
-
 @pytest.mark.parametrize(
     "case, needle",
     [
@@ -203,7 +192,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, case, needle):
         "workspace-nul": lambda: [f"trainer.workspace='{tmp_path}/w\\x00s'"],  # a Python literal with a NUL
         "cuda-on-cpu": lambda: [ws, "trainer.device='cuda'"],
         "seed-range": lambda: [ws, "trainer.seed=" + str(2**64)],
-        "checkpoints-unwritable": lambda: [ws, f"trainer.hooks.2.path={_unwritable_directory(tmp_path)}"],
+        "checkpoints-unwritable": lambda: [ws, f"trainer.hooks.2.path={unwritable_directory(tmp_path)}"],
         "checkpoints-dev-null": lambda: [ws, "trainer.hooks.2.path=/dev/null"],
         "load-missing": lambda: [ws, f"trainer.hooks.2.load={tmp_path / 'nothing'}"],
     }[case]()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_trainer, regression_batches
+from helpers import make_trainer, regression_batches, unwritable_directory
 
 from mini_trainer import BaseHook, BaseTrainer, CheckpointingHook, LoggingHook
 from mini_trainer.checkpoint import CheckpointDirectoryError, DirectoryLock
@@ -89,23 +89,12 @@ def test_a_killed_holder_never_blocks_the_restart_even_with_children_alive(tmp_p
 # =========================================================================== unusable directories
 
 
-def _unwritable_directory(tmp_path: Path) -> Path:
-    if os.geteuid() != 0:
-        readonly = tmp_path / "readonly"
-        readonly.mkdir()
-        readonly.chmod(0o555)
-        return readonly
-    if not os.path.isdir("/proc/self/fdinfo"):
-        pytest.skip("needs /proc to find a directory root cannot write")
-    return Path("/proc/self/fdinfo")
-
-
 @pytest.mark.parametrize("where", ["unwritable", "a-file", "dev-null", "under-a-file"])
 def test_an_unusable_checkpoint_directory_fails_before_the_first_step(tmp_path, where):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     path = {
-        "unwritable": lambda: _unwritable_directory(tmp_path),
+        "unwritable": lambda: unwritable_directory(tmp_path),
         "a-file": lambda: a_file,
         "dev-null": lambda: Path("/dev/null"),
         "under-a-file": lambda: a_file / "checkpoints",

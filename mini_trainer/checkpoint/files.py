@@ -116,7 +116,7 @@ def verify_tree(directory: Path, listing: Mapping[str, Any], pool: concurrent.fu
     for name, info in listing.items():
         if not is_plain_name(name):
             raise CheckpointError(f"{directory}: the manifest lists a file outside it: {name!r}")
-        if not isinstance(info, Mapping) or not _is_size(info.get("bytes")) or not _is_sha256(info.get("sha256")):
+        if not isinstance(info, Mapping) or not is_count(info.get("bytes")) or not _is_sha256(info.get("sha256")):
             raise CheckpointError(f"{directory}: the manifest's entry for {name!r} is malformed")
         path = directory / name
         if name not in present:
@@ -146,7 +146,8 @@ def is_plain_name(name: Any) -> bool:
     )
 
 
-def _is_size(value: Any) -> bool:
+def is_count(value: Any) -> bool:
+    """An int (not a bool) >= 0: a size, an offset, a counter read from disk."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

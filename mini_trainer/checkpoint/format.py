@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .files import is_count
 
 MODEL_FILE = "model.safetensors"
 DEFAULT_FILE = "optimizer.safetensors"
@@ -165,7 +166,7 @@ def join_state(skeleton: Any, tensors: Mapping[str, Mapping[str, torch.Tensor]])
                 raise fail(path, "$tuple tag is not a list")
             return tuple(decode(v, [*path, str(i)]) for i, v in enumerate(body))
         if tag == "$size":
-            if not isinstance(body, list) or not all(_is_count(d) for d in body):
+            if not isinstance(body, list) or not all(is_count(d) for d in body):
                 raise fail(path, f"$size tag {str(body)[:80]!r} is not a list of sizes >= 0")
             return torch.Size(body)
         if tag == "$dtype":
@@ -209,7 +210,3 @@ def join_state(skeleton: Any, tensors: Mapping[str, Mapping[str, torch.Tensor]])
         file, key = unused[0]
         raise CheckpointError(f"{file} holds {len(unused)} tensor(s) that the manifest does not refer to (e.g. {key!r})")
     return state
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

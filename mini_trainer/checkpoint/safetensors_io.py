@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .files import CHUNK, open_regular_file
+from .files import CHUNK, is_count, open_regular_file
 
 _OWN_STORAGE_BELOW = 64 << 10  # bytes: smaller tensors are copied out of the file buffer
 _MAX_HEADER = 100_000_000  # bytes: the limit the reference implementation sets
@@ -205,15 +205,11 @@ def _check_entry(path: Path, key: str, info: Any) -> tuple[str, torch.dtype, lis
     if dtype is None:
         raise bad(f"dtype {str(info['dtype'])[:40]!r} is not one of {', '.join(_DTYPES_BY_NAME)}")
     shape, offsets = info["shape"], info["data_offsets"]
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
         raise bad(f"shape {str(shape)[:200]} is not a list of sizes >= 0")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets) and offsets[0] <= offsets[1]):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets) and offsets[0] <= offsets[1]):
         raise bad(f"data_offsets {str(offsets)[:200]} are not [begin, end] with 0 <= begin <= end")
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
         raise bad(f"shape {shape} of {info['dtype']} needs {math.prod(shape) * dtype.itemsize} bytes, data_offsets give {end - begin}")
     return key, dtype, shape, begin, end
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -133,13 +133,18 @@ def load_sharded(shards: dict[str, Any], directory: Path, listing: Mapping[str, 
     except CheckpointError:
         raise
     except CheckpointException as err:  # a BaseException: DCP's wrapper of what failed on any rank
-        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
+        causes = _causes(err)
         refused = [c for c in causes if isinstance(c, (CheckpointError, pickle.UnpicklingError))]
         if refused:
             raise CheckpointError(f"{directory}: refused to load: {str(refused[0]).splitlines()[0][:500]}") from None
         raise CheckpointError(f"{directory}: the shards do not load into this model: {_first_line(causes)}") from None
     except Exception as err:  # a mismatch between the shards and the model
         raise CheckpointError(f"{directory}: the shards do not load into this model ({type(err).__name__}: {str(err)[:1000]})") from err
+
+
+def _causes(err: Any) -> list[BaseException]:
+    """The errors behind DCP's CheckpointException, one per failed rank."""
+    return [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
 
 
 def _first_line(causes: list[Any]) -> str:
@@ -156,7 +161,7 @@ def save_sharded(shards: dict[str, Any], directory: Path) -> None:
         with single_process_dcp_quiet():
             dcp.save(shards, checkpoint_id=directory)
     except CheckpointException as err:  # a BaseException: make it one the caller's handlers see
-        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
+        causes = _causes(err)
         oserror = next((c for c in causes if isinstance(c, OSError)), None)
         if oserror is not None:
             raise OSError(oserror.errno, f"{oserror.strerror or oserror} (while writing shards to {directory})") from None
