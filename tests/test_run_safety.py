@@ -142,6 +142,13 @@ def test_a_workspace_whose_parent_is_a_file_is_named(tmp_path):
         make_trainer(regression_batches(1, 2), max_steps=1, workspace=tmp_path / "f" / "run")
 
 
+def test_a_workspace_that_cannot_be_created_is_named_when_built(tmp_path):
+    workspace = unwritable_directory(tmp_path) / "run"
+    trainer = make_trainer(regression_batches(1, 2), max_steps=1, workspace=workspace)
+    with pytest.raises(OSError, match=rf"workspace '{re.escape(str(workspace))}' cannot be created: \w+"):
+        trainer.build()
+
+
 def test_disk_full_during_a_save_names_the_checkpoint(tmp_path, monkeypatch):
     from mini_trainer.checkpoint import safetensors_io
 
