@@ -116,24 +116,30 @@ def verify_tree(directory: Path, listing: Mapping[str, Any], pool: concurrent.fu
     for name, info in listing.items():
         if not is_plain_name(name):
             raise CheckpointError(f"{directory}: the manifest lists a file outside it: {name!r}")
-        if not isinstance(info, Mapping) or not is_count(info.get("bytes")) or not _is_sha256(info.get("sha256")):
-            raise CheckpointError(f"{directory}: the manifest's entry for {name!r} is malformed")
         path = directory / name
         if name not in present:
             raise CheckpointError(f"{path} is missing")
-        fd = open_regular_file(path, follow_symlinks=False)
-        try:
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        if size != info["bytes"]:
-            raise CheckpointError(f"{path} has {size} bytes, the manifest says {info['bytes']} (truncated?)")
+        check_listed_file(path, info)
         if pool is not None:
             checks[name] = (info, pool.submit(hash_file, path, False, False))
     for name, (info, future) in checks.items():
         digest, size = future.result()
         if size != info["bytes"] or digest != info["sha256"]:
             raise CheckpointError(f"{directory / name} does not match its sha256 in the manifest (damaged or truncated)")
+
+
+def check_listed_file(path: Path, info: Any) -> None:
+    """`path` must be what the manifest's entry `info` lists: `{"sha256": hex, "bytes": n}`
+    well formed, and a regular file (not a link) of that size. The hash is the caller's."""
+    if not isinstance(info, Mapping) or not is_count(info.get("bytes")) or not _is_sha256(info.get("sha256")):
+        raise CheckpointError(f"{path}: the manifest's entry for it is malformed")
+    fd = open_regular_file(path, follow_symlinks=False)
+    try:
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if size != info["bytes"]:
+        raise CheckpointError(f"{path} has {size} bytes, the manifest says {info['bytes']} (truncated?)")
 
 
 def is_plain_name(name: Any) -> bool:

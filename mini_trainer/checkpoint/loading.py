@@ -24,7 +24,13 @@ from typing import Any, NamedTuple
 import torch
 
 from .errors import CheckpointError
-from .files import is_plain_name, open_regular_file, verify_tree
+from .files import (
+    check_listed_file,
+    is_count,
+    is_plain_name,
+    open_regular_file,
+    verify_tree,
+)
 from .format import join_state
 from .safetensors_io import read_safetensors
 from .sharded import check_dcp_metadata
@@ -187,17 +193,8 @@ def _load_directory_unchecked(directory: Path, sharded: bool, verify_directories
 
 
 def _read_listed(path: Path, info: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    fd = open_regular_file(path, follow_symlinks=False)
-    try:
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-    if size != info.get("bytes"):
-        raise CheckpointError(f"{path} has {size} bytes, the manifest says {info.get('bytes')!r} (truncated?)")
-    sha256 = info.get("sha256")
-    if not isinstance(sha256, str):
-        raise CheckpointError(f"{path}: the manifest gives no sha256 for it")
-    return read_safetensors(path, sha256, follow_symlinks=False)
+    check_listed_file(path, info)
+    return read_safetensors(path, info["sha256"], follow_symlinks=False)
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
@@ -218,9 +215,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{directory}: checkpoint format version {manifest.get('version')!r}; this mini_trainer reads version {FORMAT_VERSION}")
     for counter in ("step", "epoch"):
         value = manifest.get(counter)
-        if counter == "epoch" and value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not is_count(value) and not (counter == "epoch" and value is None):
             raise CheckpointError(f"{path}: {counter} is {value!r}; it must be an integer >= 0")
     if not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{path} lists no files")

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .files import fsync_dir, hash_tree, write_file
+from .files import fsync_dir, hash_tree, is_count, write_file
 from .format import MODEL_FILE, split_state
 from .safetensors_io import write_safetensors
 
@@ -67,7 +67,7 @@ class PreparedCheckpoint:
 
 def prepare_checkpoint(state: Mapping[str, Any], files: Mapping[str, str] | None = None) -> PreparedCheckpoint:
     """Split a `trainer.state_dict()` for `write_checkpoint` (see `split_state` for `files`)."""
-    if not isinstance(state, Mapping) or not isinstance(state.get("step"), int) or isinstance(state["step"], bool) or state["step"] < 0:
+    if not isinstance(state, Mapping) or not is_count(state.get("step")):
         raise TypeError("a checkpoint needs a trainer state_dict() with an integer 'step' >= 0")
     skeleton, by_file = split_state(state, files)
     by_file.setdefault(MODEL_FILE, {})  # always present, even for a model without tensors
@@ -260,7 +260,8 @@ def remove_temporaries(root: str | os.PathLike, keep: Path | None = None) -> Non
         match = _TEMPORARY.match(entry.name)
         if match is None and not entry.name.startswith(".trash-"):
             continue
-        if match is not None and int(match.group(2)) != os.getpid() and _alive(int(match.group(2))):
+        owner = int(match.group(2)) if match is not None else None
+        if owner is not None and owner != os.getpid() and _alive(owner):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
