@@ -100,7 +100,7 @@ class ClassificationTrainer(BaseTrainer):
         """`{"<split>_loss": ..., "<split>_accuracy": ...}` for every held-out split
         (summed over all ranks when distributed). `model` scores another model than the
         one trained, e.g. `EmaHook.ema_model`."""
-        self._build()
+        self.build()
         loaders = self.eval_loaders if loaders is None else loaders
         model = self.model if model is None else model
         device = next(model.parameters(), torch.empty(0, device=self.device)).device
@@ -115,7 +115,7 @@ class ClassificationTrainer(BaseTrainer):
                 for inputs, labels in loader:
                     inputs = inputs.to(device, non_blocking=True)
                     labels = labels.to(device, non_blocking=True)
-                    with self._autocast():
+                    with self.autocast():
                         logits = model(inputs)
                     loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
                     correct += (logits.argmax(dim=-1) == labels).sum()

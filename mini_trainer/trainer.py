@@ -52,10 +52,10 @@ class NonFiniteGradientError(RuntimeError):
 
 
 class _EndOfData:
-    """Returned by `_next_batch` when the epoch limit is reached mid-step."""
+    """Returned by `next_batch` when the epoch limit is reached mid-step."""
 
 
-_END_OF_DATA = _EndOfData()
+END_OF_DATA = _EndOfData()
 
 
 class BaseTrainer:
@@ -109,6 +109,12 @@ class BaseTrainer:
     retries: the blackboard hooks read), `should_stop` (set it to end training after the
     current step).
     """
+
+    #: The most processes this trainer runs on (None: any number). A strategy whose update
+    #: is not synchronised across ranks sets it to 1, with the reason in `max_processes_reason`;
+    #: `build()` then refuses a larger torchrun launch before anything is built.
+    max_processes: int | None = None
+    max_processes_reason: str = ""
 
     def __init__(
         self,
@@ -226,15 +232,15 @@ class BaseTrainer:
 
     def build_data_loader(self) -> Iterable:
         """Any iterable of batches; a finite one is restarted every epoch."""
-        return self._given_or_missing("data_loader")
+        return self.given("data_loader", required=True)
 
     def build_model(self) -> nn.Module:
         """The model (moved to `self.device` by the trainer afterwards)."""
-        return self._given_or_missing("model")
+        return self.given("model", required=True)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer over `self.model`'s parameters (the model is built first)."""
-        return self._given_or_missing("optimizer")
+        return self.given("optimizer", required=True)
 
     def build_lr_scheduler(self) -> Any:
         """An LR scheduler stepped once per optimizer step, or None."""
@@ -256,9 +262,11 @@ class BaseTrainer:
         """Hooks for this run (their order does not matter)."""
         return list(self._given["hooks"] or [])
 
-    def _given_or_missing(self, name: str) -> Any:
+    def given(self, name: str, *, required: bool = False) -> Any:
+        """The ready object passed to the constructor as `name` (None when none was); with
+        `required=True`, a missing one is a NotImplementedError saying how to provide it."""
         value = self._given[name]
-        if value is None:
+        if value is None and required:
             raise NotImplementedError(
                 f"{type(self).__name__} has no {name}: pass {name}=... to the constructor "
                 f"or override build_{name}()"
@@ -274,11 +282,14 @@ class BaseTrainer:
         identical everywhere); the optimizer comes after wrapping because FSDP2 replaces
         the parameters with sharded ones; a scheduler may size itself from the data
         (`estimated_total_steps()`). Hooks are fixed from here on."""
-        self._build()
-
-    def _build(self) -> None:
         if self._built:
             return
+        world = distributed.launched_world()  # known under torchrun before the group exists
+        if self.max_processes is not None and world > self.max_processes:
+            raise NotImplementedError(
+                f"{type(self).__name__} runs on {_processes(self.max_processes)}, and this run has {world}: "
+                f"{self.max_processes_reason or 'it does not support more'}"
+            )
         if self.parallelism is not None:
             distributed.init_from_env(self.device)
         self._world = distributed.get_world_size()
@@ -305,14 +316,15 @@ class BaseTrainer:
         if self.lr_scheduler is not None and not callable(getattr(self.lr_scheduler, "step", None)):
             raise TypeError(f"build_lr_scheduler() must return an object with step(); got {self.lr_scheduler!r}")
         self.grad_scaler = self.build_grad_scaler()
+        #: the GradScaler that is in use (fp16), or None: what scales the loss and unscales gradients
         if not self._hooks_ready:
             self.hooks = self._prepare_hooks(self.build_hooks())
         if self.compile:
             kwargs = dict(self.compile) if isinstance(self.compile, Mapping) else {}
             self.model = torch.compile(self.model, **kwargs)
 
-        self._autocast = autocast_factory(self.device, self.autocast_dtype)
-        self._scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
+        self._autocast_factory = autocast_factory(self.device, self.autocast_dtype)
+        self.active_scaler = self.grad_scaler if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
         self._move_batch = self.device.type != "cpu"
         self._built = True
 
@@ -361,7 +373,7 @@ class BaseTrainer:
     def _training(self, require_limit: bool) -> Iterator[None]:
         """The run, pausing after each step: `train()` drains it, `events()` turns every
         pause into an event. Closed at a pause, it ends like a run that reached its limit."""
-        self._build()
+        self.build()
         if require_limit:
             self.check_limits()
         self._check_not_running()
@@ -437,7 +449,7 @@ class BaseTrainer:
         return TrainerEvents(self._step_events(epochs, steps))
 
     def _step_events(self, epochs: int | None, steps: int | None) -> Iterator[dict[str, Any]]:
-        self._build()
+        self.build()
         self._check_not_running()
         model = self.unwrapped_model
         limits = self.max_steps, self.max_epochs
@@ -497,7 +509,7 @@ class BaseTrainer:
         self._call_hooks("on_before_step")
         started = time.perf_counter()
         while True:
-            if not self._accumulate_gradients(info):
+            if not self.accumulate_gradients(info):
                 # The epoch limit came before any micro-batch (loaders without a length,
                 # or a retry that needed more data).
                 if info["retries"]:
@@ -523,7 +535,7 @@ class BaseTrainer:
             # a rank that stopped alone would leave the others waiting in the next all-reduce.
             self.should_stop = bool(distributed.agree_max(int(self.should_stop)))
 
-    def _accumulate_gradients(self, info: dict[str, Any]) -> bool:
+    def accumulate_gradients(self, info: dict[str, Any]) -> bool:
         """Run the micro-steps of one optimizer step; False when no batch was left."""
         n = self.gradient_accumulation_steps
         losses: list[torch.Tensor] = []
@@ -532,15 +544,15 @@ class BaseTrainer:
         for micro_step in range(n):
             self.micro_step = micro_step
             fetch_start = time.perf_counter()
-            batch = self._next_batch()
+            batch = self.next_batch()
             info["data_time"] += time.perf_counter() - fetch_start
-            if batch is _END_OF_DATA:
+            if batch is END_OF_DATA:
                 break
             # All-reducing gradients is only useful once they are complete: on the last
             # micro-step, or on the last batch of training when the data ends mid-step.
             sync = micro_step == n - 1 or not self.no_sync_accumulate or self._last_batch_of_training()
             with distributed.gradient_sync(self.model, sync) if n > 1 else _NULL:
-                with self._autocast():
+                with self.autocast():
                     loss, records = self._check_forward_output(self.forward(batch))
                 if loss is not None:
                     self.backward(loss)
@@ -553,10 +565,10 @@ class BaseTrainer:
             # The micro-step that would have all-reduced produced no loss (or the data
             # ended first): sync by hand. Ranks agree, since under DDP every rank must run
             # the same backward passes anyway.
-            distributed.all_reduce_gradients(self.model, self._optimized_params())
+            distributed.all_reduce_gradients(self.model, self.optimized_params)
         if losses and len(losses) < n:
             # Skipped micro-steps (None loss, end of data): average over the ones that ran.
-            grads = [p.grad for p in self._optimized_params() if p.grad is not None]
+            grads = [p.grad for p in self.optimized_params if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, n / len(losses))
         info["loss"] = _mean(losses)
@@ -591,8 +603,8 @@ class BaseTrainer:
         """Backpropagate one micro-step's loss: scaled by 1/N, and by the fp16 loss scale."""
         if self.gradient_accumulation_steps > 1:
             loss = loss / self.gradient_accumulation_steps
-        if self._scaler is not None:
-            loss = self._scaler.scale(loss)
+        if self.active_scaler is not None:
+            loss = self.active_scaler.scale(loss)
         loss.backward()
 
     def optimizer_step(self) -> bool:
@@ -602,14 +614,14 @@ class BaseTrainer:
         trainer handles that with retries; True when the step was taken (for fp16 the
         scaler may still skip the update internally, which is not a failure).
         """
-        scaler = self._scaler
+        scaler = self.active_scaler
         overflowed = False
         if scaler is not None:
             scaler.unscale_(self.optimizer)
             # The one host read of an fp16 step: the scaler's own overflow flag (it reads it
             # again in step()); an overflowing step is skipped, so the schedule waits too.
             overflowed = _scaler_found_inf(scaler, self.optimizer)
-        grad_norm = self._clip_and_measure_gradients()
+        grad_norm = self.clip_and_measure_gradients()
         if grad_norm is not None:
             self.step_info["grad_norm"] = grad_norm
         if scaler is None and self.max_non_finite_grad_retries is not None:
@@ -642,15 +654,15 @@ class BaseTrainer:
         skip this update. Does nothing here; a subclass may read them (PhaseTrainer records
         them for its predictor)."""
 
-    def _clip_and_measure_gradients(self) -> torch.Tensor | None:
+    def clip_and_measure_gradients(self) -> torch.Tensor | None:
         """Global gradient norm (after unscaling), clipping in place when `grad_clip` is set.
         Skipped entirely when neither clipping nor the finite check needs it."""
         if self.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self._optimized_params(), self.grad_clip, foreach=True)
-        elif self.max_non_finite_grad_retries is None or self._scaler is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.optimized_params, self.grad_clip, foreach=True)
+        elif self.max_non_finite_grad_retries is None or self.active_scaler is not None:
             return None  # nobody needs it: fp16 overflow is the scaler's business
         else:
-            grads = [p.grad for p in self._optimized_params() if p.grad is not None]
+            grads = [p.grad for p in self.optimized_params if p.grad is not None]
             if not grads:
                 return torch.zeros((), device=self.device)
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
@@ -658,7 +670,8 @@ class BaseTrainer:
         # ranks' shards reduced), replicated; hooks get it as a plain tensor.
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def _optimized_params(self) -> list[torch.Tensor]:
+    @property
+    def optimized_params(self) -> list[torch.Tensor]:
         """The parameters the optimizer updates (re-read when param groups change, e.g.
         after `add_param_group` to unfreeze layers): what is clipped, checked, rescaled."""
         groups = self.optimizer.param_groups
@@ -698,7 +711,7 @@ class BaseTrainer:
 
     # ======================================================================= data
 
-    def _next_batch(self) -> Any:
+    def next_batch(self) -> Any:
         """Next batch on the device; finite loaders roll over into the next epoch."""
         fresh = self._data_iter is None
         if fresh:
@@ -712,7 +725,7 @@ class BaseTrainer:
             if not fresh or self.batch_in_epoch > 0:
                 self._roll_over_epoch()
                 if self.max_epochs is not None and self.epoch >= self.max_epochs:
-                    return _END_OF_DATA
+                    return END_OF_DATA
             self._data_iter = self._start_epoch()
             try:
                 batch = next(self._data_iter)
@@ -804,7 +817,7 @@ class BaseTrainer:
         self._check_not_running()
         if data_loader is not None:
             self._given["data_loader"] = data_loader  # what the default build_data_loader returns
-        self._build()
+        self.build()
         if data_loader is not None and data_loader is not self.data_loader:
             # A new loader, or one a subclass's build_data_loader did not return.
             self.data_loader = data_loader
@@ -857,7 +870,7 @@ class BaseTrainer:
         `torch.distributed.checkpoint`), and each rank's RNG and data-loader state under
         `"ranks"`, so that every rank resumes its own stream.
         """
-        self._build()
+        self.build()
         model_state, optim_state = self.model_and_optimizer_state(sharded)
         local = {
             "rng": rng_state(),
@@ -923,7 +936,7 @@ class BaseTrainer:
         integers >= 0, the model tensors have this model's names and shapes, the optimizer
         state this optimizer's groups and shapes (see `mini_trainer.state`). Loading from
         a run's checkpoints uses it to fall back to an older checkpoint that does fit."""
-        self._build()
+        self.build()
         strict = getattr(self.state_dict_options, "strict", True)
         check_training_state(state_dict, self.unwrapped_model, self.optimizer, sharded=sharded, strict=strict)
 
@@ -1030,7 +1043,19 @@ class BaseTrainer:
 
     @property
     def unwrapped_model(self) -> nn.Module:
+        """`self.model` without its torch.compile / DDP / FSDP1 wrappers."""
         return unwrap(self.model)
+
+    @property
+    def is_built(self) -> bool:
+        """Whether `build()` has run (it runs once; a subclass's `build()` override checks
+        this before doing its own work after `super().build()`)."""
+        return self._built
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context `forward` runs in (a no-op without mixed precision); use it
+        for any extra forward pass a strategy or evaluation makes."""
+        return self._autocast_factory()
 
 
 # =========================================================================== helpers
@@ -1072,6 +1097,10 @@ def _scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optim
     """Whether `scaler.unscale_(optimizer)` found inf/NaN gradients."""
     found = scaler._found_inf_per_device(optimizer)
     return bool(sum(v.item() for v in found.values()))
+
+
+def _processes(limit: int) -> str:
+    return "one process" if limit == 1 else f"at most {limit} processes"
 
 
 def _check_optional_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:

@@ -318,7 +318,7 @@ def test_fp16_predictions_reach_the_optimizer_unscaled(tmp_path):
         def gradients_ready(self, skipped):
             if self._predicting:
                 expected = self.controller.predicted_gradients()
-                seen.append(all(torch.allclose(p.grad, e, rtol=1e-5, atol=1e-7) for p, e in zip(self._optimized_params(), expected)))
+                seen.append(all(torch.allclose(p.grad, e, rtol=1e-5, atol=1e-7) for p, e in zip(self.optimized_params, expected)))
             super().gradients_ready(skipped)
 
     config = dict(device="cpu", seed=0, mixed_precision="fp16", warmup_steps=2, full_steps=2, predict_steps=6, max_grad_norm=None)
@@ -360,7 +360,7 @@ def test_ternary_accumulation_keeps_the_average_when_an_epoch_ends_mid_step():
 
         class Grab(Counting):
             def gradients_ready(self, skipped):
-                grads.append(torch.cat([p.grad.reshape(-1) for p in self._optimized_params()]))
+                grads.append(torch.cat([p.grad.reshape(-1) for p in self.optimized_params]))
                 super().gradients_ready(skipped)
 
         trainer = Grab(max_epochs=1, device="cpu", seed=0, gradient_accumulation_steps=3, ternary_accumulation=ternary,

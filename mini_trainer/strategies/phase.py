@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..trainer import _END_OF_DATA, BaseTrainer
+from ..trainer import END_OF_DATA, BaseTrainer
 from ..utils import check_int, check_number
 from .compression import TernaryCode, TernaryGradientAccumulator, VSACode, VSAGradientCompressor, gradient_cosine, ternarize
 
@@ -649,6 +649,9 @@ class PhaseTrainer(BaseTrainer):
     `grad_clip` is given. One process only; fp16 predictions are scaled like real gradients.
     """
 
+    max_processes = 1
+    max_processes_reason = "predicted gradients are not synchronised between ranks"
+
     def __init__(self, *, phase: PhaseConfig | None = None, **kwargs: Any) -> None:
         names = {f.name for f in fields(PhaseConfig)}
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in names and k != "seed"}
@@ -670,42 +673,35 @@ class PhaseTrainer(BaseTrainer):
         self._had_grad: list[bool] = []  # which parameters had a gradient in the last real step
         self._accumulator = TernaryGradientAccumulator(seed=phase.seed) if phase.ternary_accumulation else None
 
-    def _build(self) -> None:
-        if self._built:
-            return
-        if distributed.launched_world() > 1:
-            raise NotImplementedError("PhaseTrainer runs on one process: predicted gradients are not synchronised between ranks")
-        super()._build()
-
     # ------------------------------------------------------------------ the step
 
-    def _accumulate_gradients(self, info: dict[str, Any]) -> bool:
+    def accumulate_gradients(self, info: dict[str, Any]) -> bool:
         if not self._step_begun:
             self._step_info = self.controller.begin_step()
             self._step_begun = True
         step = self._step_info
         self._predicting = not self.controller.should_compute_full()
         if not self._predicting:
-            ok = super()._accumulate_gradients(info)
+            ok = super().accumulate_gradients(info)
             if ok and self._accumulator is not None and self._accumulator.codes is not None:
                 # BaseTrainer rescaled p.grad by n / micro-steps when some were missing; the
                 # part held by the accumulator needs the same factor.
                 ran = info.get("micro_steps") or self.gradient_accumulation_steps
-                self._finish_ternary_accumulation(self._optimized_params(), self.gradient_accumulation_steps / ran)
+                self._finish_ternary_accumulation(self.optimized_params, self.gradient_accumulation_steps / ran)
         elif self.phase_config.skip_forward:
             ok = self._draw_batches(info)
         else:
             with torch.no_grad():
-                ok = super()._accumulate_gradients(info)
+                ok = super().accumulate_gradients(info)
         if not ok:
             return False
         if self._predicting:
-            params = self._optimized_params()
+            params = self.optimized_params
             predicted = self.controller.predicted_gradients()
-            if self._scaler is not None and predicted:
+            if self.active_scaler is not None and predicted:
                 # The trainer unscales before stepping: scale the prediction like a real
                 # gradient (scale() also sets the scale up after a resume into PREDICT).
-                torch._foreach_mul_(predicted, self._scaler.scale(torch.ones((), device=predicted[0].device)))
+                torch._foreach_mul_(predicted, self.active_scaler.scale(torch.ones((), device=predicted[0].device)))
             for p, g, had_grad in zip(params, predicted, self._had_grad):
                 # A parameter without a gradient in the last real step gets none now either:
                 # the optimizer must not decay or update what the loss does not touch.
@@ -726,7 +722,7 @@ class PhaseTrainer(BaseTrainer):
         super().backward(loss)
         if self._accumulator is not None and self._micro_steps_left():
             # Between micro-steps the running sum lives as packed trits, not float32.
-            params = self._optimized_params()
+            params = self.optimized_params
             self._accumulator.add([_grad_or_zeros(p) for p in params])
             for p in params:
                 p.grad = None
@@ -748,7 +744,7 @@ class PhaseTrainer(BaseTrainer):
         an ordinary step) without running the model."""
         drawn = 0
         for _ in range(self.gradient_accumulation_steps):
-            if self._next_batch() is _END_OF_DATA:
+            if self.next_batch() is END_OF_DATA:
                 break
             drawn += 1
         info["loss"] = None
@@ -760,7 +756,7 @@ class PhaseTrainer(BaseTrainer):
         # The real gradients are recorded once they are final: unscaled (fp16), clipped as
         # the optimizer will use them, and finite (a step that is retried records nothing).
         if not self._predicting and not skipped:
-            params = self._optimized_params()
+            params = self.optimized_params
             self._had_grad = [p.grad is not None for p in params]
             self.controller.record_full_gradients([_grad_or_zeros(p) for p in params])
 
@@ -791,7 +787,7 @@ class PhaseTrainer(BaseTrainer):
         saved = state_dict.get("phase_controller")
         if saved is not None:
             self.controller.load_state_dict(saved, self.device)
-            self._had_grad = [bool(h) for h in saved.get("had_grad", [])] or [True] * len(self._optimized_params())
+            self._had_grad = [bool(h) for h in saved.get("had_grad", [])] or [True] * len(self.optimized_params)
             if self._accumulator is not None and saved.get("accumulator") is not None:
                 self._accumulator.load_state_dict(saved["accumulator"])
         self._step_begun = False

@@ -185,6 +185,9 @@ class SpelaTrainer(BaseTrainer):
     Batches are `(inputs, labels)`. Multi-process runs are refused for now.
     """
 
+    max_processes = 1
+    max_processes_reason = "it does not run on several processes yet, its per-layer updates have no gradient sync"
+
     def __init__(
         self,
         model: nn.Module | None = None,
@@ -220,7 +223,7 @@ class SpelaTrainer(BaseTrainer):
     def build_data_loader(self) -> Iterable:
         """`data_loader` may also be `{"train": loader, <split>: loader, ...}` (what
         `digits_loaders` returns): training uses "train", `evaluate()` the other splits."""
-        train, self.eval_loaders = split_train_loader(self._given_or_missing("data_loader"), "data_loader")
+        train, self.eval_loaders = split_train_loader(self.given("data_loader", required=True), "data_loader")
         return train
 
     def build_model(self) -> nn.Module:
@@ -244,12 +247,10 @@ class SpelaTrainer(BaseTrainer):
         groups = [{"params": [p for p in layer.parameters() if p.requires_grad]} for layer in net.layers]
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-    def _build(self) -> None:
-        if self._built:
+    def build(self) -> None:
+        if self.is_built:
             return
-        if distributed.launched_world() > 1:  # also under torchrun before the group exists
-            raise NotImplementedError("SpelaTrainer does not run on several processes yet: its per-layer updates have no gradient sync")
-        super()._build()
+        super().build()
         net = self.spela_net
         if not isinstance(net, SpelaNet):
             raise TypeError(f"build_model() must return a SpelaNet for SpelaTrainer; got {type(net).__name__}")
@@ -288,8 +289,8 @@ class SpelaTrainer(BaseTrainer):
         with torch.autocast(self.device.type, enabled=False):  # backward runs outside autocast
             if self.gradient_accumulation_steps > 1:
                 loss = loss / self.gradient_accumulation_steps
-            if self._scaler is not None:
-                loss = self._scaler.scale(loss)
+            if self.active_scaler is not None:
+                loss = self.active_scaler.scale(loss)
             loss.backward()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -297,7 +298,7 @@ class SpelaTrainer(BaseTrainer):
 
     def _update_layer(self, k: int) -> None:
         params = self._layer_params[k]
-        scaler = self._scaler
+        scaler = self.active_scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)  # only layer k has gradients now
         check = scaler is None and self.max_non_finite_grad_retries is not None
@@ -326,7 +327,7 @@ class SpelaTrainer(BaseTrainer):
             return torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip, foreach=True)
         return torch.nn.utils.get_total_norm(grads, foreach=True)
 
-    def _clip_and_measure_gradients(self) -> torch.Tensor | None:
+    def clip_and_measure_gradients(self) -> torch.Tensor | None:
         """With accumulation: clip each layer on its own, report the overall norm."""
         norms = [self._clip_layer(params) for params in self._layer_params]
         return torch.stack(norms).norm() if norms else None
@@ -348,12 +349,12 @@ class SpelaTrainer(BaseTrainer):
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor, exit_layer: int = -1) -> torch.Tensor:
         """Class indices: argmax of the cosine to each class vector at `exit_layer`."""
-        self._build()
+        self.build()
         net = self.spela_net
         was_training = net.training
         net.eval()
         try:
-            with self._autocast():
+            with self.autocast():
                 return net(inputs.to(self.device, non_blocking=True), exit_layer).argmax(dim=1)
         finally:
             net.train(was_training)
@@ -363,7 +364,7 @@ class SpelaTrainer(BaseTrainer):
         """Accuracy at every exit layer: `{"exit_1_accuracy": ..., ..., "accuracy": <last>}`
         (a dict of loaders gives `<name>_exit_1_accuracy`, ..., `<name>_accuracy`; None:
         the held-out splits given with `data_loader={"train": ..., "test": ...}`)."""
-        self._build()
+        self.build()
         if loader is None:
             loader = self.eval_loaders
         if isinstance(loader, Mapping):
@@ -381,7 +382,7 @@ class SpelaTrainer(BaseTrainer):
                 inputs = inputs.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
                 h = inputs
-                with self._autocast():
+                with self.autocast():
                     for k in range(len(net.layers)):
                         h = net.layer_output(net.layer_input(h, k), k)
                         correct[k] += (net.similarities(h, k).argmax(dim=1) == labels).sum()

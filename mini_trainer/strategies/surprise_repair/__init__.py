@@ -359,17 +359,15 @@ class SurpriseRepairTrainer(BaseTrainer):
         # Providers that learn from every batch (a replay buffer) see it; the others cost nothing.
         self._observes = callable(observe) and type(trigger.provider).observe is not _no_observe
 
-    def _build(self) -> None:
-        if self._built:
-            return
-        from ... import distributed
+    max_processes_reason = (
+        "on several processes it supports providers that pick from the batch (HardestK) only: a provider "
+        "of new samples adds forward passes that would differ between ranks under DDP"
+    )
 
-        if distributed.launched_world() > 1 and self.trigger is not None and not callable(getattr(self.trigger.provider, "indices", None)):
-            raise NotImplementedError(
-                "SurpriseRepairTrainer on several processes supports providers that pick from the batch (HardestK) only: "
-                "a provider of new samples adds forward passes that would differ between ranks under DDP"
-            )
-        super()._build()
+    @property
+    def max_processes(self) -> int | None:  # type: ignore[override]
+        picks_from_batch = self.trigger is None or callable(getattr(self.trigger.provider, "indices", None))
+        return None if picks_from_batch else 1
 
     def per_sample_loss(self, batch: Any) -> torch.Tensor:
         """One loss per sample, shape (B,). Default: `criterion(model(batch[0]), batch[1])`."""
