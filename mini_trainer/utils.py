@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "flatten_dict",
     "unflatten_dict",
     "unwrap",
+    "eval_mode",
     "check_int",
     "check_number",
     "check_choice",
@@ -270,6 +272,20 @@ def _round_float(value: float) -> float:
 
 
 # ---------------------------------------------------------------------------- models
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put `model` (and all its submodules) in eval mode for the block, then give every
+    module back the mode it had, also when the block raises: a model that was half in
+    train mode (a frozen BatchNorm) comes back exactly so."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def unwrap(model: nn.Module) -> nn.Module:
