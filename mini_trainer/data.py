@@ -68,9 +68,9 @@ class EpochShuffleSampler(DistributedSampler):
         check_int("samples", samples, minimum=0)
         self.start_epoch, self.start = epoch, samples
 
-    def skipped(self) -> int:
-        """Samples skipped at the start of the current epoch (see `resume_at`)."""
-        return self.start if self.start_epoch == self.epoch else 0
+    def skipped(self, epoch: int | None = None) -> int:
+        """Samples skipped at the start of `epoch` (default: the current one; see `resume_at`)."""
+        return self.start if self.start_epoch == (self.epoch if epoch is None else epoch) else 0
 
     def _sizes(self) -> tuple[int, int]:
         """(samples per rank, samples over all ranks) of the current epoch."""

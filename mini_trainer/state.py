@@ -1,4 +1,5 @@
-"""Training state that comes back from disk: optimizer layouts (by parameter index, as
+"""Model and optimizer state: getting and setting it (plain state dicts, or through
+`torch.distributed.checkpoint.state_dict` for FSDP2 and sharded checkpoints), optimizer layouts (by parameter index, as
 `optimizer.state_dict()` has it, or by name, as DCP/FSDP2 state dicts have it) and the
 checks a state must pass before anything of it is assigned to a live model.
 
@@ -18,7 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import CheckpointError
+from .data_cursor import DataCursor
+from .rng import rng_state, set_rng_state
+from .utils import unwrap
 
 # Optimizers whose every non-scalar per-parameter state (momentum, moments, sums) has the
 # parameter's shape. Others (Adafactor's factored moments, LBFGS's history, your own) are
@@ -156,3 +161,111 @@ def _check_tensor(key: str, saved: Any, expected: torch.Tensor) -> None:
         raise CheckpointError(f"{key} has shape {tuple(saved.shape)} in the checkpoint, but {tuple(expected.shape)} here")
     if saved.is_floating_point() != expected.is_floating_point() or saved.is_complex() != expected.is_complex():
         raise CheckpointError(f"{key} is {saved.dtype} in the checkpoint, but {expected.dtype} here")
+
+
+def state_dict_options(user_options: Any, model: nn.Module, sharded: bool) -> Any:
+    """The `StateDictOptions` to get/set `model`'s state through DCP with, or None for the
+    modules' own state dicts. Sharded: each rank's DTensor shards. FSDP2 otherwise: full
+    state gathered on CPU (rank 0 keeps it, the others get empty dicts), one portable file
+    that loads onto any number of processes, with or without FSDP. `user_options` (the
+    trainer's `state_dict_options`) wins when not sharded."""
+    if user_options is not None and not sharded:
+        return user_options
+    if not (sharded or distributed.is_fsdp2(model)):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    if sharded:
+        return StateDictOptions(full_state_dict=False)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def get_model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, options: Any) -> tuple[dict, dict]:
+    """`(model state, optimizer state)`: the unwrapped module's and the optimizer's own state
+    dicts, or DCP's `get_state_dict` with `options` (see `state_dict_options`)."""
+    if options is not None:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        return get_state_dict(model, optimizer, options=options)
+    return unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def set_model_and_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: Mapping, optim_state: Mapping, options: Any
+) -> None:
+    """Load what `get_model_and_optimizer_state` returned (the optimizer state in either
+    layout: it is translated to the one the loader expects, by parameter name)."""
+    names = optimized_param_names(unwrap(model), optimizer)
+    if options is None:
+        unwrap(model).load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state_by_index(optim_state, names))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if options.full_state_dict:
+        # Every rank read the whole checkpoint: each takes its shard, no broadcast.
+        options = StateDictOptions(**{**vars(options), "cpu_offload": False, "broadcast_from_rank0": False})
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optimizer_state_by_name(optim_state, names),
+        options=options,
+    )
+
+
+def training_state(
+    *,
+    step: int,
+    cursor: DataCursor,
+    world: int,
+    model_state: dict,
+    optimizer_state: dict,
+    lr_scheduler: Any,
+    grad_scaler: Any,
+) -> dict[str, Any]:
+    """The trainer's `state_dict()` layout (the checkpoint format's `state`): counters, the
+    data position, model/optimizer/scheduler/scaler state, this rank's RNG and loader
+    state, an empty `"hooks"` for the hooks to fill, and, with several processes, every
+    rank's RNG and loader state under `"ranks"` (a collective gather)."""
+    local = {"rng": rng_state(), **cursor.state()}
+    state: dict[str, Any] = {
+        "step": step,
+        "epoch": cursor.epoch,
+        "batch_in_epoch": cursor.batch_in_epoch,
+        "world_size": world,
+        "data_position": cursor.position(world),
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+        **local,
+        "hooks": {},
+    }
+    if world > 1:
+        state["ranks"] = distributed.gather_objects(local)
+    return state
+
+
+def restore_training_state(
+    state: Mapping[str, Any], *, cursor: DataCursor, world: int, lr_scheduler: Any, grad_scaler: Any
+) -> None:
+    """Put back what `training_state` saved, apart from the model, the optimizer and the
+    step: scheduler, scaler, this rank's data position and RNG streams (rank 0's for a rank
+    the saved run did not have). Onto another number of processes the data position moves
+    (`DataCursor.move`) instead of taking the per-rank loader states."""
+    if lr_scheduler is not None and state.get("lr_scheduler") is not None:
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if grad_scaler is not None and state.get("grad_scaler") is not None:
+        grad_scaler.load_state_dict(state["grad_scaler"])
+    epoch, batch_in_epoch = int(state.get("epoch", 0)), int(state.get("batch_in_epoch", 0))
+    saved_world = int(state.get("world_size", 1))
+    ranks = state.get("ranks") or [state]
+    rank = distributed.get_rank()
+    local = ranks[rank] if rank < len(ranks) else ranks[0]
+    if saved_world == world:
+        cursor.restore(epoch, batch_in_epoch, state.get("data_position"), local.get("data_loader"))
+    else:
+        cursor.move(epoch, batch_in_epoch, state.get("data_position"), saved_world, world)
+    if local.get("rng") is not None:
+        set_rng_state(local["rng"])

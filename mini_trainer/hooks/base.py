@@ -11,8 +11,9 @@ it stores are this step's).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -98,6 +99,66 @@ def hook_priority(hook: BaseHook, event: str = "default") -> int:
     if isinstance(priority, Mapping):
         return priority.get(event, priority.get("default", 0))
     return priority
+
+
+class HookDispatcher:
+    """Calls hooks for the trainer: per event, only the hooks that implement it, in that
+    event's priority order (a stable sort: equal priorities keep the user's order). An idle
+    hook costs nothing per step.
+
+    `hooks` is the list in run order (by default priority); `call(event, trainer, *args)`
+    calls an event; `added(event, fn)` adds a function for the duration of a block (how
+    `fit()` collects its metrics without being a hook).
+    """
+
+    def __init__(self, hooks: Sequence[BaseHook] = ()) -> None:
+        for i, hook in enumerate(hooks):
+            if not isinstance(hook, BaseHook):
+                raise TypeError(f"hooks[{i}] must be a BaseHook instance; got {type(hook).__name__}")
+        self.hooks: list[BaseHook] = sorted(hooks, key=hook_priority)
+        self._methods = {
+            event: [
+                getattr(hook, event)
+                for hook in sorted(hooks, key=lambda h: hook_priority(h, event))
+                if event in overridden_events(hook)
+            ]
+            for event in HOOK_EVENTS
+        }
+        # on_before_train methods with a negative priority restore state (a checkpoint).
+        self._restoring = sum(
+            1 for h in hooks if "on_before_train" in overridden_events(h) and hook_priority(h, "on_before_train") < 0
+        )
+
+    def call(self, event: str, trainer: BaseTrainer, *args: Any) -> None:
+        for method in self._methods[event]:
+            method(trainer, *args)
+
+    def before_train(self, trainer: BaseTrainer, after_restoring: Callable[[], None]) -> None:
+        """`on_before_train`: the hooks that restore state first, then `after_restoring()`
+        (fit()'s relative limits count from the restored step), then every other hook (so
+        progress, ETA and logging start from the restored step too)."""
+        methods = self._methods["on_before_train"]
+        for method in methods[: self._restoring]:
+            method(trainer)
+        after_restoring()
+        for method in methods[self._restoring :]:
+            method(trainer)
+
+    def call_each(
+        self, event: str, trainer: BaseTrainer, *args: Any, logger: logging.Logger, return_first: bool = True
+    ) -> BaseException | None:
+        """Call `event` on every hook even when one raises (see `call_each`)."""
+        return call_each(self._methods[event], trainer, *args, logger=logger, return_first=return_first)
+
+    @contextlib.contextmanager
+    def added(self, event: str, function: Callable[..., Any]) -> Iterator[None]:
+        """Call `function(trainer, *args)` on `event`, after the hooks, inside the block."""
+        methods = self._methods[event]
+        methods.append(function)
+        try:
+            yield
+        finally:
+            methods.remove(function)
 
 
 def call_each(

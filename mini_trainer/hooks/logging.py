@@ -15,7 +15,7 @@ from ..builder import REGISTRY
 from ..distributed import is_main_process
 from ..utils import check_int
 from .base import BaseHook
-from .metrics import StepMetrics
+from ..metrics import StepMetrics
 
 if TYPE_CHECKING:
     from ..trainer import BaseTrainer

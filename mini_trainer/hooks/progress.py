@@ -22,7 +22,7 @@ from ..builder import REGISTRY
 from ..distributed import is_main_process
 from ..utils import check_int, flatten_dict
 from .base import BaseHook
-from .metrics import RESERVED_NAMES, StepMetrics
+from ..metrics import RESERVED_NAMES, StepMetrics
 
 if TYPE_CHECKING:
     from ..trainer import BaseTrainer

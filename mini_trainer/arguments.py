@@ -1,0 +1,69 @@
+"""What `BaseTrainer(...)` accepts, checked at construction: a wrong value is an error that
+names the argument, the value and what is allowed, before anything is built or any
+training time is spent."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed
+from .utils import check_directory_path, check_int, check_number
+
+__all__ = ["check_optional_type", "check_trainer_arguments"]
+
+
+def check_trainer_arguments(args: Mapping[str, Any]) -> None:
+    """Raise TypeError/ValueError for the first constructor argument in `args` (the
+    constructor's keyword arguments by name) that BaseTrainer cannot use."""
+    check_int("max_steps", args["max_steps"], minimum=0, allow_none=True)
+    check_int("max_epochs", args["max_epochs"], minimum=0, allow_none=True)
+    check_number("grad_clip", args["grad_clip"], positive=True, allow_none=True)
+    check_int("max_non_finite_grad_retries", args["max_non_finite_grad_retries"], minimum=0, allow_none=True)
+    check_int("gradient_accumulation_steps", args["gradient_accumulation_steps"], minimum=1)
+    check_int("seed", args["seed"], minimum=-(2**63), maximum=2**64 - 1, allow_none=True)  # what torch.manual_seed takes
+    check_optional_type("workspace", args["workspace"], (str, Path))
+    if args["workspace"] is not None:
+        check_directory_path("workspace", args["workspace"])
+    check_optional_type("logger", args["logger"], logging.Logger)
+    check_optional_type("model", args["model"], nn.Module)
+    check_optional_type("optimizer", args["optimizer"], torch.optim.Optimizer)
+    check_optional_type("grad_scaler", args["grad_scaler"], torch.amp.GradScaler)
+    if not isinstance(args["compile"], (bool, Mapping)):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile keywords; got {args['compile']!r}")
+    forward_fn = args["forward_fn"]
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError(f"forward_fn must be callable as forward_fn(model, batch); got {forward_fn!r}")
+    hooks = args["hooks"]
+    if hooks is not None and not isinstance(hooks, (list, tuple)):
+        raise TypeError(f"hooks must be a list of BaseHook instances; got {type(hooks).__name__}")
+    parallelism = args["parallelism"]
+    if parallelism not in distributed.PARALLELISM:
+        allowed = ", ".join(map(repr, distributed.PARALLELISM))
+        raise ValueError(f"parallelism must be one of {allowed}; got {parallelism!r}")
+    units = args["fsdp_units"]
+    if units is not None and not callable(units) and not (
+        isinstance(units, tuple) and all(isinstance(t, type) for t in units)
+    ):
+        raise TypeError(
+            f"fsdp_units must be a tuple of module classes, a function module -> bool, or None; got {units!r}"
+        )
+    parallel_kwargs = args["parallel_kwargs"]
+    if parallel_kwargs is not None and not isinstance(parallel_kwargs, Mapping):
+        raise TypeError(f"parallel_kwargs must be a dict of keywords; got {type(parallel_kwargs).__name__}")
+    if args["state_dict_options"] is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        check_optional_type("state_dict_options", args["state_dict_options"], StateDictOptions)
+
+
+def check_optional_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:
+    """TypeError naming `name` unless `value` is None or one of `types`."""
+    if value is not None and not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise TypeError(f"{name} must be a {names} or None; got {type(value).__name__} {value!r}")
