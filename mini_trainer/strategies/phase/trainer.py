@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from .. import distributed
-from ..trainer import END_OF_DATA, BaseTrainer
-from ..utils import check_int, check_number
-from .compression import TernaryCode, TernaryGradientAccumulator, VSACode, VSAGradientCompressor, gradient_cosine, ternarize
+from ... import distributed
+from ...trainer import END_OF_DATA, BaseTrainer
+from ...utils import check_int, check_number
+from ..compression import TernaryCode, TernaryGradientAccumulator, VSACode, VSAGradientCompressor, gradient_cosine, ternarize
 
 __all__ = ["Phase", "PhaseConfig", "StepInfo", "PhaseController", "PhaseTrainer", "LeastSquaresPredictor", "MomentumPredictor"]
 
