@@ -43,6 +43,8 @@ from typing import IO, Any, Literal, overload
 import torch
 from torch import nn
 
+from .plain import to_plain
+
 __all__ = [
     "Event",
     "Transform",
@@ -566,24 +568,6 @@ def _check_include_exclude(include: Any, exclude: Any) -> None:
             raise TypeError(f"{name} must be a list of keys, not a single string ({keys!r}); write [{keys!r}]")
 
 
-def _plain(value: Any) -> Any:
-    """0-d tensors (also nested in dicts, lists, tuples) as Python numbers; anything else,
-    and any container without such a tensor, as it is."""
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.ndim == 0 else value
-    if isinstance(value, dict):
-        items = {k: _plain(v) for k, v in value.items()}
-        return items if any(items[k] is not v for k, v in value.items()) else value
-    if isinstance(value, (list, tuple)):
-        items = [_plain(v) for v in value]
-        if all(a is b for a, b in zip(items, value)):
-            return value
-        if isinstance(value, list):
-            return items
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
-    return value
-
-
 _READ_EVERY = 1024  # collect() reads its pending tensors every this many events
 
 
@@ -611,9 +595,9 @@ def collect(
     for event in events:
         rows.append(_select(event, include, exclude))
         if len(rows) - done >= _READ_EVERY:
-            rows[done:] = [_plain(row) for row in rows[done:]]
+            rows[done:] = [to_plain(row) for row in rows[done:]]
             done = len(rows)
-    rows[done:] = [_plain(row) for row in rows[done:]]
+    rows[done:] = [to_plain(row) for row in rows[done:]]
     return rows
 
 
@@ -653,7 +637,7 @@ def collect_jsonl(
 def _write_jsonl(events, file, include, exclude, flush: bool) -> None:
     for event in events:
         try:
-            line = json.dumps(_plain(_select(event, include, exclude)))
+            line = json.dumps(to_plain(_select(event, include, exclude)))
         except BaseException as error:  # a value JSON cannot hold: the run ends with the error
             _abort_run(events, error)
             raise
