@@ -43,7 +43,7 @@ from typing import IO, Any, Literal, overload
 import torch
 from torch import nn
 
-from .plain import to_plain
+from ..plain import to_plain
 
 __all__ = [
     "Event",
