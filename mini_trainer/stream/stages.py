@@ -225,7 +225,7 @@ def early_stop(key: str, patience: int, *, mode: Literal["min", "max"] = "min", 
     `early_stop(events, key=..., patience=...)`; like fitstream 0.4, this is a stage:
     `early_stop(key="val_loss", patience=10)(events)` or a `pipe` stage.)
 
-    Stopping ends a `trainer.events()` run upstream (see the module docstring).
+    Stopping ends a `trainer.events()` run upstream (see `mini_trainer.stream`).
 
     >>> values = [5, 4, 4.5, 4.2, 3, 3.5]
     >>> [e["val"] for e in early_stop("val", patience=2)({"val": v} for v in values)]
