@@ -5,27 +5,40 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Two stamps: the demo needs only the package and its examples extra; tests, lint and
+# benchmarks need every extra. The full install includes the demo's, so it stamps both.
+DEMO_STAMP := $(VENV)/.installed-demo
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test lint bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(DEMO_STAMP): pyproject.toml Makefile | $(VENV)/bin/python
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[examples]"
+	touch $(DEMO_STAMP)
 
 # fitstream is only for tests/test_stream.py, which runs it side by side with
 # mini_trainer.stream; it declares Python >= 3.12 but runs on 3.11, and --no-deps keeps its
 # own torch requirement from pulling another build.
-$(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
+$(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[examples,dev,bench,lm,stream]"
 	$(PY) -m pip install -q --no-deps --ignore-requires-python fitstream==0.4.1
-	touch $(STAMP)
+	touch $(DEMO_STAMP) $(STAMP)
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/mini-trainer train configs/digits_mlp.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -105,7 +105,12 @@ def make_optimizer(model: nn.Module, step: bool) -> torch.optim.Optimizer:
 
 
 def flatten_optimizer(optimizer_state: dict) -> dict[str, torch.Tensor]:
-    return {f"state.{i}.{k}": v for i, s in optimizer_state["state"].items() for k, v in s.items() if isinstance(v, torch.Tensor)}
+    return {
+        f"state.{i}.{k}": v
+        for i, s in optimizer_state["state"].items()
+        for k, v in s.items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def unflatten_optimizer(flat: dict[str, torch.Tensor], param_groups: list) -> dict:
@@ -169,13 +174,23 @@ class Bench:
     def ours_save(self) -> float:
         self.step += 1
         start = time.perf_counter()
-        state = {"step": self.step, "epoch": 0, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {
+            "step": self.step,
+            "epoch": 0,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
         self.ours_dir = save_checkpoint(state, self.ours_root)
         return time.perf_counter() - start
 
     def ours_async_save(self) -> dict[str, float]:
         start = time.perf_counter()
-        state = {"step": self.step, "epoch": 0, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {
+            "step": self.step,
+            "epoch": 0,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
         staged = self.staging.stage(prepare_checkpoint(state))
         pending = self.writer.submit(write_checkpoint, staged, self.async_root)
         stall = time.perf_counter() - start
@@ -226,7 +241,7 @@ class Bench:
 
     def check_loaded(self) -> None:
         """The load target now equals the source (model and optimizer state)."""
-        for a, b in zip(self.model.parameters(), self.load_model.parameters()):
+        for a, b in zip(self.model.parameters(), self.load_model.parameters(), strict=True):
             assert torch.equal(a, b), "loaded model differs from the saved one"
         saved, loaded = self.optimizer.state_dict()["state"], self.load_optimizer.state_dict()["state"]
         assert saved.keys() == loaded.keys(), "loaded optimizer state has other parameters"
@@ -246,7 +261,19 @@ def timed(fn):
 
 def run_rounds(bench: Bench, rounds: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {
-        k: [] for k in ("ours_save", "ours_async_stall", "ours_async_total", "raw_save", "fsync", "ours_load", "raw_load", "ours_first_use", "raw_first_use", "raw_file_only")
+        k: []
+        for k in (
+            "ours_save",
+            "ours_async_stall",
+            "ours_async_total",
+            "raw_save",
+            "fsync",
+            "ours_load",
+            "raw_load",
+            "ours_first_use",
+            "raw_first_use",
+            "raw_file_only",
+        )
     }
     for r in range(-1, rounds):  # r == -1: warm-up, not recorded
         bench.clean()
@@ -266,7 +293,11 @@ def run_rounds(bench: Bench, rounds: int) -> dict[str, list[float]]:
                 got["ours_load"], got["ours_first_use"] = result["total"], result["first_use"]
             else:
                 result = timed(bench.raw_load)
-                got["raw_load"], got["raw_first_use"], got["raw_file_only"] = result["total"], result["first_use"], result["file_only"]
+                got["raw_load"], got["raw_first_use"], got["raw_file_only"] = (
+                    result["total"],
+                    result["first_use"],
+                    result["file_only"],
+                )
             if r == -1:
                 bench.check_loaded()
             bench.load_optimizer.state.clear()  # free this load's tensors now, not inside the next timer
@@ -298,11 +329,17 @@ def breakdown(bench: Bench) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params-millions", type=float, default=50.0, help="model size (rounded up to whole 2048x2048 layers)")
+    parser.add_argument(
+        "--params-millions", type=float, default=50.0, help="model size (rounded up to whole 2048x2048 layers)"
+    )
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a new temporary directory under /tmp)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to write (default: a new temporary directory under /tmp)"
+    )
     parser.add_argument("--cold", action="store_true", help="drop the files from the page cache before each load")
-    parser.add_argument("--breakdown", action="store_true", help="also time write_safetensors/read_safetensors of each file alone")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time write_safetensors/read_safetensors of each file alone"
+    )
     args = parser.parse_args()
 
     directory = Path(tempfile.mkdtemp(prefix="checkpoint_io-", dir=args.dir or "/tmp"))
@@ -318,7 +355,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     def without_first_use(side: str) -> float:
-        return statistics.median(t - f for t, f in zip(times[f"{side}_load"], times[f"{side}_first_use"]))
+        return statistics.median(t - f for t, f in zip(times[f"{side}_load"], times[f"{side}_first_use"], strict=True))
 
     params = sum(p.numel() for p in bench.model.parameters())
     result: dict[str, object] = {
@@ -326,7 +363,10 @@ def main() -> None:
         "params_millions": round(params / 1e6, 3),
         "state_mb": round(state_bytes / 1e6, 3),
         "save_vs_raw": round(med["ours_save"] / med["raw_save"], 3),
-        "save_vs_raw_fsynced": round(med["ours_save"] / statistics.median(s + f for s, f in zip(times["raw_save"], times["fsync"])), 3),
+        "save_vs_raw_fsynced": round(
+            med["ours_save"] / statistics.median(s + f for s, f in zip(times["raw_save"], times["fsync"], strict=True)),
+            3,
+        ),
         "async_stall_vs_raw": round(med["ours_async_stall"] / med["raw_save"], 3),
         "load_vs_raw": round(med["ours_load"] / med["raw_load"], 3),
         "load_vs_raw_without_first_use": round(without_first_use("ours") / without_first_use("raw"), 3),

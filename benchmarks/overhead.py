@@ -13,12 +13,12 @@ hits both alike). Two pairings, each doing the same math on both sides:
   adds per step (one generator resume and one dict).
 
 Times are this process's CPU time (`time.process_time`), so a busy neighbour on the
-machine does not count against either side. Data comes either from pre-built batches in memory ("memory": the strictest view, nothing
-to hide the trainer's cost behind) or from a shuffling DataLoader ("dataloader": what a
-real loop looks like). Ratios are steps/s of the trainer over steps/s of the loop (median
-of the rounds); >= 0.97 is the goal. "plain_vs_plain" runs the loop against itself the
-same way: its distance from 1.0 is the noise floor of this machine. Prints one JSON object
-on its last line.
+machine does not count against either side. Data comes either from pre-built batches in
+memory ("memory": the strictest view, nothing to hide the trainer's cost behind) or from a
+shuffling DataLoader ("dataloader": what a real loop looks like). Ratios are steps/s of the
+trainer over steps/s of the loop (median of the rounds); >= 0.97 is the goal.
+"plain_vs_plain" runs the loop against itself the same way: its distance from 1.0 is the
+noise floor of this machine. Prints one JSON object on its last line.
 """
 
 from __future__ import annotations
@@ -159,7 +159,9 @@ def main() -> None:
         result[f"bare_trainer_vs_plain{suffix}"] = round(bare["ratio"], 4)
         result[f"plain_steps_per_s{suffix}"] = round(full["plain_steps_per_s"], 1)
         result[f"trainer_steps_per_s{suffix}"] = round(full["trainer_steps_per_s"], 1)
-    result["bare_events_vs_plain"] = round(measure("memory", bare=True, rounds=args.rounds, steps=args.steps, events=True)["ratio"], 4)
+    result["bare_events_vs_plain"] = round(
+        measure("memory", bare=True, rounds=args.rounds, steps=args.steps, events=True)["ratio"], 4
+    )
     result.update(rounds=args.rounds, steps_per_round=args.steps, threads=1, model="mlp-64-256-256-10", batch=64)
     print(json.dumps(result))
 

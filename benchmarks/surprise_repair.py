@@ -37,8 +37,13 @@ from mini_trainer.strategies import HardestK, LossStdConfig, LossStdTrigger, Rep
 def make(kind: str, batches: list) -> BaseTrainer:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
-    common = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), data_loader=batches, device="cpu",
-                  max_non_finite_grad_retries=0)
+    common = dict(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+        data_loader=batches,
+        device="cpu",
+        max_non_finite_grad_retries=0,
+    )
     if kind == "base":
         return BaseTrainer(forward_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]), **common)
     never = LossStdConfig(std_threshold=-1.0, pulse_every=10**9)
@@ -70,9 +75,9 @@ def main() -> None:
             start = time.process_time()
             trainers[kind].fit(steps=args.steps)
             times[kind].append((time.process_time() - start) / args.steps)
-    idle = statistics.median(i / b for i, b in zip(times["idle"], times["base"]))
-    inject = statistics.median(i / f for i, f in zip(times["inject"], times["reforward"]))
-    hardest = statistics.median(i / f for i, f in zip(times["hardest"], times["hardest_reforward"]))
+    idle = statistics.median(i / b for i, b in zip(times["idle"], times["base"], strict=True))
+    inject = statistics.median(i / f for i, f in zip(times["inject"], times["reforward"], strict=True))
+    hardest = statistics.median(i / f for i, f in zip(times["hardest"], times["hardest_reforward"], strict=True))
     print(json.dumps({
         "idle_overhead": round(idle, 4),
         "inject_cost_ratio": round(inject, 4),

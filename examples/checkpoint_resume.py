@@ -59,6 +59,9 @@ if __name__ == "__main__":
     hook = resumed.hooks[0] if isinstance(resumed.hooks[0], CheckpointingHook) else resumed.hooks[1]
     print("resumed from", hook.resumed_from.name)
     straight = run(root / "straight", max_steps=300)
-    same = all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()))
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True)
+    )
     print("checkpoints:", ", ".join(p.name for p in sorted((root / "interrupted" / "checkpoints").glob("step_*"))))
     print("identical to the uninterrupted run:", same)

@@ -48,7 +48,9 @@ def epoch_events(train, val):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     best = best_model("val_loss")
     events = pipe(
-        epoch_stream(train, model, optimizer, nn.CrossEntropyLoss(), batch_size=64, generator=torch.Generator().manual_seed(0)),
+        epoch_stream(
+            train, model, optimizer, nn.CrossEntropyLoss(), batch_size=64, generator=torch.Generator().manual_seed(0)
+        ),
         augment(evaluate(val, metrics={"val_loss": nn.CrossEntropyLoss(), "val_accuracy": accuracy})),
         ema("val_loss", half_life=2),
         tap(print_keys("train_loss", "val_loss", "val_loss_ema", "val_accuracy"), every=5),
@@ -90,7 +92,8 @@ def step_events(train, val, workspace):
         f"{workspace}/events.jsonl",
         include=["step", "epoch", "loss", "grad_norm", "val_loss", "val_accuracy"],
     )
-    print(f"stopped at step {trainer.step}; events in {workspace}/events.jsonl, final checkpoint in {workspace}/checkpoints")
+    print(f"stopped at step {trainer.step}; events in {workspace}/events.jsonl, "
+          f"final checkpoint in {workspace}/checkpoints")
     return model
 
 

@@ -13,10 +13,10 @@ sandwich.
 """
 
 import sys
+from pydoc_data.topics import topics
 
 import torch
 import torch.nn.functional as F
-from pydoc_data.topics import topics
 from torch import nn
 
 from mini_trainer import BaseTrainer
@@ -74,7 +74,10 @@ def main() -> None:
 
     def held_out_loss(model: nn.Module) -> float:
         with torch.no_grad():
-            return sum(F.cross_entropy(model(bx).transpose(1, 2), by).item() for bx, by in zip(test_x.split(256), test_y.split(256))) / len(test_x.split(256))
+            return sum(
+                F.cross_entropy(model(bx).transpose(1, 2), by).item()
+                for bx, by in zip(test_x.split(256), test_y.split(256), strict=True)
+            ) / len(test_x.split(256))
 
     def sandwich(model: nn.Module, prompt: torch.Tensor, with_sandwich: bool = True, seed: int = 0) -> torch.Tensor:
         new = n + 1 - prompt.shape[1]
@@ -97,8 +100,15 @@ def main() -> None:
         loader = tensor_loader(x, y, batch_size=cfg["batch_size"], seed=cfg["seed"])
         criterion = nn.CrossEntropyLoss(reduction="none")  # one loss per character
         if not repair:
-            trainer = BaseTrainer(model=model, optimizer=optimizer, data_loader=loader, device="cpu", seed=cfg["seed"], grad_clip=1.0,
-                                  forward_fn=lambda m, b: F.cross_entropy(m(b[0]).transpose(1, 2), b[1]))
+            trainer = BaseTrainer(
+                model=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                device="cpu",
+                seed=cfg["seed"],
+                grad_clip=1.0,
+                forward_fn=lambda m, b: F.cross_entropy(m(b[0]).transpose(1, 2), b[1]),
+            )
             trainer.fit(steps=cfg["steps"])
             return held_out_loss(model), model, {}
         calls = iter(range(10**9))
@@ -108,8 +118,16 @@ def main() -> None:
             return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
         trigger = LossStdTrigger(GeneratorProvider(generate), LossStdConfig(**cfg["trigger"]))
-        trainer = SurpriseRepairTrainer(model=model, optimizer=optimizer, data_loader=loader, device="cpu", seed=cfg["seed"], grad_clip=1.0,
-                                        criterion=lambda logits, targets: criterion(logits.transpose(1, 2), targets), trigger=trigger)
+        trainer = SurpriseRepairTrainer(
+            model=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            device="cpu",
+            seed=cfg["seed"],
+            grad_clip=1.0,
+            criterion=lambda logits, targets: criterion(logits.transpose(1, 2), targets),
+            trigger=trigger,
+        )
         trainer.fit(steps=cfg["steps"])
         return held_out_loss(model), model, {"fired": trigger.fired, "injected": trigger.injected, "seen": trigger.seen}
 

@@ -20,7 +20,7 @@ from . import distributed
 from .builder import REGISTRY, build_from_cfg, resolve_type
 from .data import split_train_loader
 from .trainer import BaseTrainer
-from .utils import check_number
+from .utils import check_number, eval_mode
 
 
 @REGISTRY.register()
@@ -80,7 +80,9 @@ class ClassificationTrainer(BaseTrainer):
         if "total_steps" not in cfg and "total_steps" in _parameters(factory):
             total = self.estimated_total_steps()  # max_steps, or max_epochs x the loader's length
             if total is None:
-                raise ValueError("lr_scheduler_cfg needs total_steps: neither max_steps nor max_epochs with a sized loader gives it")
+                raise ValueError(
+                    "lr_scheduler_cfg needs total_steps: neither max_steps nor max_epochs with a sized loader gives it"
+                )
             cfg["total_steps"] = total
         return build_from_cfg(cfg, optimizer=self.optimizer)
 
@@ -96,18 +98,18 @@ class ClassificationTrainer(BaseTrainer):
         return loss, {"accuracy": accuracy.detach()}
 
     @torch.no_grad()
-    def evaluate(self, loaders: Mapping[str, Iterable] | None = None, model: nn.Module | None = None) -> dict[str, float]:
+    def evaluate(self, loaders: Mapping[str, Iterable] | None = None,
+                 model: nn.Module | None = None) -> dict[str, float]:
         """`{"<split>_loss": ..., "<split>_accuracy": ...}` for every held-out split
         (summed over all ranks when distributed). `model` scores another model than the
-        one trained, e.g. `EmaHook.ema_model`."""
+        one trained, e.g. `EmaHook.ema_model`. The model is in eval mode meanwhile, and every
+        submodule gets its own mode back afterwards."""
         self.build()
         loaders = self.eval_loaders if loaders is None else loaders
         model = self.model if model is None else model
         device = next(model.parameters(), torch.empty(0, device=self.device)).device
-        was_training = model.training
-        model.eval()
         totals = []
-        try:
+        with eval_mode(model):
             for loader in loaders.values():
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 correct = torch.zeros((), dtype=torch.float64, device=device)
@@ -120,16 +122,15 @@ class ClassificationTrainer(BaseTrainer):
                     loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
                     correct += (logits.argmax(dim=-1) == labels).sum()
                     count += labels.numel()
-                totals.append(torch.stack([loss_sum, correct, torch.tensor(float(count), dtype=torch.float64, device=device)]))
-        finally:
-            model.train(was_training)
+                count_t = torch.tensor(float(count), dtype=torch.float64, device=device)
+                totals.append(torch.stack([loss_sum, correct, count_t]))
         if not totals:
             return {}
         stacked = torch.stack(totals)
         if distributed.is_distributed():
             stacked = distributed.all_reduce_sum(stacked.to(distributed.collective_device()))
         results: dict[str, float] = {}
-        for name, (loss_sum, correct, count) in zip(loaders, stacked.tolist()):
+        for name, (loss_sum, correct, count) in zip(loaders, stacked.tolist(), strict=True):  # one row per split
             results[f"{name}_loss"] = loss_sum / max(count, 1)
             results[f"{name}_accuracy"] = correct / max(count, 1)
         return results

@@ -216,7 +216,16 @@ def cfg_file(tmp_path) -> Path:
         ("trainer.hooks.x.interval=1", KeyError, r"trainer\.hooks\.x.*not a list index"),
         ("trainer.max_steps.deep=1", KeyError, r"trainer\.max_steps\.deep"),
     ],
-    ids=["no-equals", "no-key", "empty-part", "missing-key", "missing-top-key", "index-range", "index-not-int", "into-int"],
+    ids=[
+        "no-equals",
+        "no-key",
+        "empty-part",
+        "missing-key",
+        "missing-top-key",
+        "index-range",
+        "index-not-int",
+        "into-int",
+    ],
 )
 def test_bad_overrides(cfg_file, override, exc, match):
     with pytest.raises(exc, match=match):

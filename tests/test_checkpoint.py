@@ -14,10 +14,10 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from helpers import make_trainer, regression_batches
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from helpers import make_trainer, regression_batches
 from mini_trainer import checkpoint
 from mini_trainer.checkpoint import CheckpointError
 
@@ -40,7 +40,7 @@ def assert_same(a, b, path="state"):
     assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
     if isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{path}[{i}]")
     elif isinstance(a, float) and math.isnan(a):
         assert math.isnan(b), path
@@ -99,12 +99,17 @@ def test_model_file_is_plain_safetensors(tmp_path):
     assert plain.keys() == trainer.model.state_dict().keys()
     fresh = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
     fresh.load_state_dict(plain)
-    for a, b in zip(fresh.state_dict().values(), trainer.model.state_dict().values()):
+    for a, b in zip(fresh.state_dict().values(), trainer.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_our_writer_reads_back_files_of_the_reference_writer(tmp_path):
-    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.ones(2, dtype=torch.bfloat16), "flag": torch.tensor([True, False])}
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.arange(5, dtype=torch.int64),
+        "c": torch.ones(2, dtype=torch.bfloat16),
+        "flag": torch.tensor([True, False]),
+    }
     save_file(tensors, tmp_path / "ref.safetensors")
     ours = checkpoint.read_safetensors(tmp_path / "ref.safetensors")
     digest, size = checkpoint.write_safetensors(tmp_path / "ours.safetensors", tensors)
@@ -170,7 +175,11 @@ def test_a_bit_flip_in_the_manifest_is_detected(tmp_path):
 
 
 def test_numpy_scalars_round_trip_with_their_type(tmp_path):
-    state = {"step": 1, "model": {}, "values": [np.float64(1.5), np.float64("nan"), np.float32("inf"), np.int64(7), np.bool_(True)]}
+    state = {
+        "step": 1,
+        "model": {},
+        "values": [np.float64(1.5), np.float64("nan"), np.float32("inf"), np.int64(7), np.bool_(True)],
+    }
     back = checkpoint.load_checkpoint(checkpoint.save_checkpoint(state, tmp_path))["values"]
     assert [type(v) for v in back] == [np.float64, np.float64, np.float32, np.int64, np.bool_]
     assert back[0] == 1.5 and np.isnan(back[1]) and np.isinf(back[2]) and back[3] == 7 and back[4]
@@ -234,9 +243,18 @@ def test_prune_keeps_newest_and_interval_multiples(tmp_path):
     for step in range(1, 11):
         (tmp_path / checkpoint.checkpoint_name(step)).mkdir()
     (tmp_path / "notes.txt").write_text("mine")
-    deleted = checkpoint.prune_checkpoints(tmp_path, keep_last=2, keep_interval=4, protect=[tmp_path / "step_000000001"])
+    deleted = checkpoint.prune_checkpoints(
+        tmp_path, keep_last=2, keep_interval=4, protect=[tmp_path / "step_000000001"]
+    )
     assert sorted(p.name for p in deleted) == [f"step_00000000{i}" for i in (2, 3, 5, 6, 7)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step_000000001", "step_000000004", "step_000000008", "step_000000009", "step_000000010"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.txt",
+        "step_000000001",
+        "step_000000004",
+        "step_000000008",
+        "step_000000009",
+        "step_000000010",
+    ]
 
 
 class _RunsCode:
@@ -266,7 +284,7 @@ def test_a_torch_saved_trainer_state_loads_with_weights_only(tmp_path):
     other, _ = trained_state(steps=1)
     other.load_state_dict(loaded)
     assert other.step == 3
-    for a, b in zip(other.model.parameters(), trainer.model.parameters()):
+    for a, b in zip(other.model.parameters(), trainer.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

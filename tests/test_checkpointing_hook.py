@@ -14,7 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from mini_trainer import BaseTrainer, CheckpointingHook, CudaMaxMemoryHook, EmaHook, LoggingHook, ProgressHook, checkpoint
+from mini_trainer import (
+    BaseTrainer,
+    CheckpointingHook,
+    CudaMaxMemoryHook,
+    EmaHook,
+    LoggingHook,
+    ProgressHook,
+    checkpoint,
+)
 from mini_trainer.checkpoint import CheckpointError
 from mini_trainer.data import tensor_loader
 from mini_trainer.hooks import BaseHook
@@ -60,7 +68,7 @@ def net(tmp_path, hooks, max_steps=10, **kwargs):
 
 
 def same_params(a: nn.Module, b: nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def steps_on_disk(directory):
@@ -102,7 +110,7 @@ def test_asynchronous_saves_write_the_same_files(tmp_path):
     sync_dirs = checkpoint.list_checkpoints(tmp_path / "sync" / "checkpoints")
     async_dirs = checkpoint.list_checkpoints(tmp_path / "async" / "checkpoints")
     assert [s for s, _ in sync_dirs] == [s for s, _ in async_dirs] == [2, 4, 6, 7]
-    for (_, a), (_, b) in zip(sync_dirs, async_dirs):
+    for (_, a), (_, b) in zip(sync_dirs, async_dirs, strict=True):
         for name in ("model", "ema", "optimizer"):
             assert (a / f"{name}.safetensors").read_bytes() == (b / f"{name}.safetensors").read_bytes(), (a.name, name)
 
@@ -251,8 +259,8 @@ def test_ema_is_the_exponential_average_of_the_weights(tmp_path, update_interval
     expected = initial
     for step, params in enumerate(recorder.params, start=1):
         if step % update_interval == 0:
-            expected = [0.7 * e + 0.3 * p for e, p in zip(expected, params)]
-    for got, want in zip(ema.ema_model.parameters(), expected):
+            expected = [0.7 * e + 0.3 * p for e, p in zip(expected, params, strict=True)]
+    for got, want in zip(ema.ema_model.parameters(), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     assert ema.updates == 6 // update_interval
     bn_ema, bn = ema.ema_model[1], run.model[1]

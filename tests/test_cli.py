@@ -102,7 +102,9 @@ def test_train_digits_end_to_end(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000000300"]
 
     # The same command with a bigger budget continues from the checkpoint.
-    again = run_cli("train", CONFIG, "trainer.max_steps=400", f"trainer.workspace={tmp_path}", "trainer.hooks.0.interval=100")
+    again = run_cli(
+        "train", CONFIG, "trainer.max_steps=400", f"trainer.workspace={tmp_path}", "trainer.hooks.0.interval=100"
+    )
     assert again.returncode == 0, again.stderr
     assert [line.split(":")[0] for line in again.stdout.splitlines() if line.startswith("Step ")] == ["Step 400/400"]
     assert records[-1] is eval_records[0]

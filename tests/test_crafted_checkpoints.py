@@ -186,9 +186,20 @@ def test_crafted_skeleton_tags_are_refused(saved, change, match):
         (lambda m: m["state"].update(epoch=-2), r"state\['epoch'\] is -2"),
         (lambda m: m["state"].update(batch_in_epoch=True), r"batch_in_epoch"),
         (lambda m: m["state"].update(world_size=0), r"world_size"),
-        (lambda m: m["files"].update({"../model.safetensors": m["files"]["model.safetensors"]}), r"outside the checkpoint"),
+        (
+            lambda m: m["files"].update({"../model.safetensors": m["files"]["model.safetensors"]}),
+            r"outside the checkpoint",
+        ),
     ],
-    ids=["manifest-step", "negative-step", "step-mismatch", "negative-epoch", "bool-counter", "world-zero", "file-outside"],
+    ids=[
+        "manifest-step",
+        "negative-step",
+        "step-mismatch",
+        "negative-epoch",
+        "bool-counter",
+        "world-zero",
+        "file-outside",
+    ],
 )
 def test_crafted_counters_and_names_are_refused_before_anything_is_assigned(saved, tmp_path, change, match):
     edit_manifest(saved, change)
@@ -197,7 +208,7 @@ def test_crafted_counters_and_names_are_refused_before_anything_is_assigned(save
     before = [p.detach().clone() for p in trainer.model.parameters()]
     with pytest.raises(CheckpointError, match=match):
         trainer.train()
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
     assert trainer.step == 0
 
 
@@ -207,7 +218,9 @@ def wider_model() -> nn.Module:
 
 def test_a_model_of_other_shapes_is_refused_naming_key_and_shapes(saved, tmp_path):
     trainer = trainer_for(tmp_path / "other", steps=3, load=str(saved), model=wider_model())
-    with pytest.raises(CheckpointError, match=r"model\.0\.weight has shape \(8, 4\) in the checkpoint, but \(16, 4\) here") as info:
+    with pytest.raises(
+        CheckpointError, match=r"model\.0\.weight has shape \(8, 4\) in the checkpoint, but \(16, 4\) here"
+    ) as info:
         trainer.train()
     assert str(saved) in str(info.value)
     assert trainer.step == 0
@@ -218,7 +231,9 @@ def test_optimizer_moments_of_another_shape_are_refused(saved, tmp_path):
     trainer.build()
     state = checkpoint.load_checkpoint(saved)
     state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
-    with pytest.raises(CheckpointError, match=r"optimizer\.state\.0\.exp_avg has shape \(3,\) in the checkpoint, but \(8, 4\) here"):
+    with pytest.raises(
+        CheckpointError, match=r"optimizer\.state\.0\.exp_avg has shape \(3,\) in the checkpoint, but \(8, 4\) here"
+    ):
         trainer.load_state_dict(state)
     state = checkpoint.load_checkpoint(saved)
     state["optimizer"]["param_groups"][0]["params"].append(99)
@@ -288,7 +303,9 @@ MALFORMED = {
     "negative-offset": safetensors_bytes({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, b"\0" * 8),
     "overlap": safetensors_bytes({"a": F32, "b": {**F32, "data_offsets": [4, 12]}}, b"\0" * 12),
     "hole": safetensors_bytes({"a": F32, "b": {**F32, "data_offsets": [12, 20]}}, b"\0" * 20),
-    "duplicate-key": safetensors_bytes(None, b"\0" * 8, raw_header=b'{"a":' + json.dumps(F32).encode() + b',"a":' + json.dumps(F32).encode() + b"}"),
+    "duplicate-key": safetensors_bytes(
+        None, b"\0" * 8, raw_header=b'{"a":' + json.dumps(F32).encode() + b',"a":' + json.dumps(F32).encode() + b"}"
+    ),
     "unknown-dtype": safetensors_bytes({"a": {**F32, "dtype": "F128"}}, b"\0" * 8),
     "huge-header": (2**62).to_bytes(8, "little") + b"{}",
     "trailing-data": safetensors_bytes({"a": F32}, b"\0" * 12),
@@ -311,7 +328,12 @@ def test_every_malformed_safetensors_file_is_a_checkpoint_error(tmp_path, name):
 def test_a_valid_file_still_reads(tmp_path):
     path = tmp_path / "ok.safetensors"
     data = torch.tensor([1.0, 2.0]).numpy().tobytes()
-    path.write_bytes(safetensors_bytes({"__metadata__": {"format": "pt"}, "a": F32, "e": {"dtype": "I8", "shape": [0], "data_offsets": [8, 8]}}, data))
+    path.write_bytes(
+        safetensors_bytes(
+            {"__metadata__": {"format": "pt"}, "a": F32, "e": {"dtype": "I8", "shape": [0], "data_offsets": [8, 8]}},
+            data,
+        )
+    )
     tensors = checkpoint.read_safetensors(path)
     assert torch.equal(tensors["a"], torch.tensor([1.0, 2.0])) and tensors["e"].shape == (0,)
 

@@ -6,8 +6,8 @@ import io
 
 import pytest
 import torch
-
 from helpers import make_trainer, regression_batches
+
 from mini_trainer import BaseHook, LoggingHook, ProgressHook
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -89,7 +89,7 @@ def test_checkpoint_of_a_cuda_run_resumes_exactly(tmp_path, async_save):
     straight, straight_ema = run(6, tmp_path / "a")
     run(3, tmp_path / "b")
     resumed, resumed_ema = run(6, tmp_path / "b")
-    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert a.device.type == "cuda" and torch.equal(a, b)
-    for a, b in zip(straight_ema.ema_model.parameters(), resumed_ema.ema_model.parameters()):
+    for a, b in zip(straight_ema.ema_model.parameters(), resumed_ema.ema_model.parameters(), strict=True):
         assert a.device.type == "cpu" and torch.equal(a, b)

@@ -27,7 +27,7 @@ def _rank_batches(rank: int, lossless_last: bool):
     if not lossless_last:
         return real
     marker = (torch.full((8, 4), MARKER), torch.zeros(8, 1))
-    return [b for pair in zip(real[:STEPS], [marker] * STEPS) for b in pair]
+    return [b for pair in zip(real[:STEPS], [marker] * STEPS, strict=True) for b in pair]
 
 
 def _forward(model, batch):
@@ -60,7 +60,9 @@ def _worker(rank: int, world: int, out_dir: str, lossless_last: bool) -> None:
                               data_loader=_rank_batches(rank, lossless_last), forward_fn=_forward,
                               gradient_accumulation_steps=2, max_steps=STEPS, device="cpu")
         trainer.train()
-        torch.save({"params": flat_params(trainer.unwrapped_model), "allreduces": counter.calls}, f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"params": flat_params(trainer.unwrapped_model), "allreduces": counter.calls}, f"{out_dir}/rank{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 

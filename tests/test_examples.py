@@ -14,7 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_example(name: str) -> str:
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / name)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / name)], cwd=REPO, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -55,7 +57,13 @@ def test_custom_hook_example_stops_early():
 
 @pytest.mark.slow
 def test_checkpoint_example_resumes_to_identical_weights(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / "checkpoint_resume.py"), str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "checkpoint_resume.py"), str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "resumed from step_000000150" in proc.stdout
     assert "checkpoints: step_000000250, step_000000300" in proc.stdout
@@ -87,13 +95,20 @@ def test_phase_example_skips_most_backward_passes_and_learns():
 
 @pytest.mark.slow
 def test_surprise_repair_lm_example_reports_both_runs_and_samples():
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / "surprise_repair_lm.py"), "steps=30", "model.hidden=32"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "surprise_repair_lm.py"), "steps=30", "model.hidden=32"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     losses = re.findall(r"^held_out_loss (baseline|surprise_repair) (\d+\.\d+)$", proc.stdout, re.M)
     assert [name for name, _ in losses] == ["baseline", "surprise_repair"]
     assert all(0 < float(value) < 5 for _, value in losses)
-    fired, injected, seen = map(int, re.search(r"^trigger fired (\d+) injected (\d+) of (\d+)", proc.stdout, re.M).groups())
+    fired, injected, seen = map(
+        int, re.search(r"^trigger fired (\d+) injected (\d+) of (\d+)", proc.stdout, re.M).groups()
+    )
     assert fired > 0 and 0 < injected <= 0.03 * seen
     assert len(re.findall(r"^sample (plain|sandwich) \d: ", proc.stdout, re.M)) == 4
 
@@ -123,8 +138,14 @@ def test_wandb_images_example_logs_offline_and_resumes_the_same_run(tmp_path):
     env.update(HOME=str(tmp_path / "home"), WANDB_SILENT="true")
     workspace = tmp_path / "ws"
     for steps in ("300", "500"):
-        proc = subprocess.run([sys.executable, str(REPO / "examples" / "wandb_images.py"), str(workspace), steps], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=180)
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "examples" / "wandb_images.py"), str(workspace), steps],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert proc.returncode == 0, proc.stderr
     run_ids = re.findall(r"^wandb run (\w+):", proc.stdout, re.M)
     runs = sorted(p.name for p in (workspace / "wandb").glob("offline-run-*"))

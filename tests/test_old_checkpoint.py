@@ -33,9 +33,9 @@ def test_old_checkpoint_resumes_exactly(tmp_path):
     straight.train()
 
     assert resumed.step == straight.step == fixture.STEPS_TOTAL
-    for (name, a), b in zip(resumed.model.state_dict().items(), straight.model.state_dict().values()):
+    for (name, a), b in zip(resumed.model.state_dict().items(), straight.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    for a, b in zip(resumed.optimizer.state.values(), straight.optimizer.state.values()):
+    for a, b in zip(resumed.optimizer.state.values(), straight.optimizer.state.values(), strict=True):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     ema = [h for h in resumed.hooks if isinstance(h, EmaHook)][0].ema_model.state_dict()
     ema_straight = [h for h in straight.hooks if isinstance(h, EmaHook)][0].ema_model.state_dict()

@@ -16,8 +16,10 @@ from mini_trainer.data import tensor_loader
 from mini_trainer.strategies import (
     LeastSquaresPredictor,
     MomentumPredictor,
+    Phase,
     PhaseConfig,
     PhaseController,
+    PhaseStep,
     PhaseTrainer,
     TernaryGradientAccumulator,
     VSAGradientCompressor,
@@ -82,6 +84,46 @@ def test_adaptive_lengths_follow_the_loss():
         disabled.begin_step()
         disabled.end_step(1.1**i)
     assert disabled.predict_steps == 0 and disabled.get_stats()["predict_steps"] == 0
+
+
+@pytest.mark.parametrize("predictor", ["least_squares", "momentum"])
+def test_apply_correction_adds_the_last_correct_steps_error_once(predictor):
+    config = PhaseConfig(warmup_steps=0, full_steps=3, predict_steps=6, correct_every=2, predictor=predictor)
+    controller = PhaseController(config)
+    g = torch.Generator().manual_seed(0)
+    ones = [torch.ones(3, 2), torch.ones(2)]
+    controller.apply_correction(ones)  # nothing measured yet: left as it is
+    assert all(torch.equal(t, torch.ones_like(t)) for t in ones)
+    expected = None
+    while expected is None:
+        info = controller.begin_step()
+        assert isinstance(info, PhaseStep)
+        if controller.should_compute_full():
+            actual = [torch.randn(3, 2, generator=g), torch.randn(2, generator=g)]
+            if info.phase is Phase.CORRECT:  # the first one: no residual yet, so fit == prediction
+                expected = [a - p for a, p in zip(actual, controller.predicted_gradients(), strict=True)]
+            controller.record_full_gradients(actual)
+        controller.end_step(1.0)
+    grads = [torch.full((3, 2), 0.5), torch.full((2,), 0.5)]
+    controller.apply_correction(grads)
+    for got, error in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, error + 0.5)
+    controller.apply_correction(grads)  # once only
+    for got, error in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, error + 0.5)
+    assert any(e.abs().max() > 0.1 for e in expected)  # an error there was to add
+    controller.reset()
+    controller.apply_correction(ones)
+    assert all(torch.equal(t, torch.ones_like(t)) for t in ones)
+
+
+def test_step_info_is_a_deprecated_name_of_phase_step():
+    import mini_trainer.strategies as strategies
+    import mini_trainer.strategies.phase as phase
+
+    for module in (strategies, phase):
+        with pytest.warns(DeprecationWarning, match="PhaseStep"):
+            assert module.StepInfo is PhaseStep
 
 
 def trajectory(t: float) -> list[torch.Tensor]:
@@ -410,3 +452,24 @@ def test_a_retried_non_finite_step_leaves_no_trace_in_the_history():
     history = trainer.controller.predictor.history
     assert all(torch.isfinite(t).all() for _, slot in history.entries for t in history.tensors(slot))
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_phase_trainer_is_registered_and_the_digits_config_trains_with_predicted_steps(tmp_path):
+    from mini_trainer import REGISTRY, build_from_cfg, load_config
+    from mini_trainer.classification import ClassificationTrainer
+
+    assert REGISTRY.get("PhaseTrainer") is PhaseTrainer
+    overrides = [f"trainer.workspace={tmp_path}", "trainer.max_steps=60", "trainer.device=cpu"]
+    cfg = load_config("configs/phase_digits.py", overrides)
+    run = build_from_cfg(cfg["trainer"])
+    assert isinstance(run, PhaseTrainer) and isinstance(run, ClassificationTrainer)
+    assert (run.phase_config.warmup_steps, run.phase_config.full_steps, run.phase_config.predict_steps) == (10, 5, 20)
+    calls = count_backward(run)
+    run.train()
+    stats = run.get_stats()
+    # Warmup 10, full 5, predict 20 (a CORRECT at phase steps 5, 10, 15 and 20), full 5, predict 20.
+    assert (stats["full_steps"], stats["predict_steps"], stats["correct_steps"]) == (20, 33, 7)
+    assert calls[0] == 60 - 33  # no backward on PREDICT steps
+    results = run.evaluate()
+    assert set(results) == {"test_loss", "test_accuracy"}
+    assert results["test_accuracy"] > 0.75  # 0.86 after these 60 steps

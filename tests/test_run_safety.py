@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def trainer_in(workspace: Path, steps: int = 3, *hooks: BaseHook, **kwargs):
     checkpointing = kwargs.pop("checkpointing", None) or CheckpointingHook(interval=1)
-    return make_trainer(regression_batches(4, 8), max_steps=steps, workspace=workspace, hooks=[checkpointing, *hooks], **kwargs)
+    return make_trainer(
+        regression_batches(4, 8), max_steps=steps, workspace=workspace, hooks=[checkpointing, *hooks], **kwargs
+    )
 
 
 # =========================================================================== the lock
@@ -35,7 +37,10 @@ def test_a_second_run_in_the_same_directory_fails_at_once(tmp_path):
     events = first.events()
     next(events)  # the first run is training (suspended after its first step)
     second = trainer_in(tmp_path, steps=10)
-    with pytest.raises(CheckpointDirectoryError, match=rf"'{re.escape(str(tmp_path / 'checkpoints'))}' is in use by another run \(pid {os.getpid()} on host") as info:
+    with pytest.raises(
+        CheckpointDirectoryError,
+        match=rf"'{re.escape(str(tmp_path / 'checkpoints'))}' is in use by another run \(pid {os.getpid()} on host",
+    ) as info:
         second.train()
     assert "CheckpointingHook(path=...)" in str(info.value)
     assert second.step == 0
@@ -71,7 +76,9 @@ time.sleep(60)
 def test_a_killed_holder_never_blocks_the_restart_even_with_children_alive(tmp_path):
     root = tmp_path / "checkpoints"
     root.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(CheckpointDirectoryError, match=rf"pid {holder.pid} on host"):
@@ -114,7 +121,11 @@ def test_an_unusable_checkpoint_directory_fails_before_the_first_step(tmp_path, 
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        ({"workspace": "/dev/null"}, ValueError, r"workspace '/dev/null' cannot be a directory: it exists and is not a directory"),
+        (
+            {"workspace": "/dev/null"},
+            ValueError,
+            r"workspace '/dev/null' cannot be a directory: it exists and is not a directory",
+        ),
         ({"workspace": "w" * 300}, ValueError, r"workspace has a name of 300 bytes"),
         ({"workspace": "w/" * 2500}, ValueError, r"workspace is \d+ bytes long"),
         ({"workspace": "w\x00s"}, ValueError, r"workspace must not contain a NUL byte"),
@@ -138,7 +149,11 @@ def test_constructor_arguments_that_cannot_work_here(kwargs, exc, match):
 
 def test_a_workspace_whose_parent_is_a_file_is_named(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ValueError, match=rf"workspace '{re.escape(str(tmp_path / 'f' / 'run'))}' cannot be a directory: its parent '{re.escape(str(tmp_path / 'f'))}' is a file"):
+    with pytest.raises(
+        ValueError,
+        match=rf"workspace '{re.escape(str(tmp_path / 'f' / 'run'))}' cannot be a directory: "
+        rf"its parent '{re.escape(str(tmp_path / 'f'))}' is a file",
+    ):
         make_trainer(regression_batches(1, 2), max_steps=1, workspace=tmp_path / "f" / "run")
 
 
@@ -157,7 +172,11 @@ def test_disk_full_during_a_save_names_the_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors_io, "_write_all", full)
     trainer = trainer_in(tmp_path, 2)
-    with pytest.raises(OSError, match=rf"No space left on device \(while writing checkpoint {re.escape(str(tmp_path / 'checkpoints' / 'step_000000001'))}\)") as info:
+    with pytest.raises(
+        OSError,
+        match=rf"No space left on device \(while writing checkpoint "
+        rf"{re.escape(str(tmp_path / 'checkpoints' / 'step_000000001'))}\)",
+    ) as info:
         trainer.train()
     assert info.value.errno == 28
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
@@ -198,7 +217,9 @@ def test_one_failing_on_exception_does_not_stop_the_others(tmp_path, caplog):
 
     handler_before = signal.getsignal(signal.SIGTERM)
     record = Record()
-    trainer = trainer_in(tmp_path, 5, Crash(), FailingFlush(), record, checkpointing=CheckpointingHook(interval=2, async_save=True))
+    trainer = trainer_in(
+        tmp_path, 5, Crash(), FailingFlush(), record, checkpointing=CheckpointingHook(interval=2, async_save=True)
+    )
     with caplog.at_level(logging.ERROR, logger="mini_trainer"), pytest.raises(Boom, match="the step failed"):
         trainer.train()
     assert record.events == [("on_exception", "Boom")]

@@ -94,6 +94,26 @@ def test_learns_and_evaluates_every_exit_layer():
     assert run.step_info["grad_norm"] > 0 and "last_layer_cos" in run.step_info["records"]
 
 
+def test_predict_and_evaluate_run_in_eval_mode_and_give_every_module_its_mode_back():
+    model = nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 8))
+    run = SpelaTrainer(model, num_classes=4, data_loader=[], device="cpu")
+    run.build()
+    net = run.spela_net
+    frozen = next(m for m in net.modules() if isinstance(m, nn.BatchNorm1d))
+    frozen.eval()  # a frozen BatchNorm inside a model that trains
+    modes = {name: m.training for name, m in net.named_modules()}
+    x, y = blobs()
+    seen = []
+    frozen.register_forward_hook(lambda module, args, output: seen.append(net.training or module.training))
+    first = run.predict(x[:16])
+    assert (run.predict(x[:16]) == first).all()  # eval mode: dropout off, the same answer twice
+    run.evaluate([(x, y)])
+    assert seen and not any(seen)
+    with pytest.raises(ValueError, match="exit_layer"):
+        run.predict(x[:4], exit_layer=7)
+    assert {name: m.training for name, m in net.named_modules()} == modes
+
+
 def test_one_layer_at_a_time_frees_gradients_before_the_next_layer_runs():
     run = trainer(steps=1)
     run.build()

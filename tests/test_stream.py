@@ -13,10 +13,10 @@ import sys
 
 import pytest
 import torch
+from helpers import flat_params, make_trainer, regression_batches
 from torch import nn
 
 import mini_trainer.stream as stream
-from helpers import flat_params, make_trainer, regression_batches
 from mini_trainer import BaseHook, CheckpointingHook, LoggingHook
 from mini_trainer.stream import (
     BestModel,
@@ -39,6 +39,7 @@ from mini_trainer.stream import (
     validation_loss,
 )
 
+STREAM_MODULES = [stream.events, stream.sources, stream.stages, stream.sinks, stream.augmenters, stream.plotting]
 FITSTREAM_NAMES = [
     "Event", "epoch_stream", "iter_batches", "pipe", "augment", "take", "tap", "tick", "print_keys", "ema",
     "early_stop", "collect", "collect_jsonl", "collect_pd", "evaluate", "validation_loss", "BestModel",
@@ -47,9 +48,10 @@ FITSTREAM_NAMES = [
 
 
 def test_doc_examples_run_as_doctests():
-    result = doctest.testmod(stream, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0
-    assert result.attempted >= 35
+    # The examples live in the package's modules (stream.sources, stream.stages...).
+    results = [doctest.testmod(module, optionflags=doctest.ELLIPSIS) for module in STREAM_MODULES]
+    assert sum(result.failed for result in results) == 0
+    assert sum(result.attempted for result in results) >= 35
 
 
 # --------------------------------------------------------------------------- data
@@ -87,7 +89,7 @@ def test_iter_batches_aligned_last_batch_smaller_and_shuffle_is_a_permutation():
     assert sorted(xs.tolist()) == list(range(10)) and xs.tolist() != list(range(10))
     assert all(torch.equal(b[1], b[0] * 10) for b in shuffled)  # rows stay aligned
     again = list(iter_batches(x, y, batch_size=3, generator=torch.Generator().manual_seed(1)))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(shuffled, again))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(shuffled, again, strict=True))
     assert list(iter_batches(batch_size=2)) == []
 
 
@@ -115,7 +117,8 @@ def test_epoch_stream_loss_is_the_sample_weighted_epoch_mean_and_label_free_loss
     model = nn.Linear(1, 1, bias=False)
     nn.init.zeros_(model.weight)
     sgd = torch.optim.SGD(model.parameters(), lr=0.0)
-    event = next(epoch_stream((x,), model, sgd, lambda p: (p - 1.0).pow(2).mean(), batch_size=2, shuffle=False, last_label=False))
+    event = next(epoch_stream((x,), model, sgd, lambda p: (p - 1.0).pow(2).mean(), batch_size=2, shuffle=False,
+                              last_label=False))
     assert event["train_loss"] == pytest.approx(1.0)  # batches of 2 and 1, weighted by size
     y = x * 2
     event = next(epoch_stream((x, y), model, sgd, nn.MSELoss(), batch_size=2, shuffle=False))
@@ -209,7 +212,7 @@ def test_ema_matches_the_formula_with_and_without_bias_correction():
     decay = 2 ** (-1 / 2.0)
     out = list(ema("v", half_life=2.0, out_key="smooth")({"v": v} for v in values))
     m = 0.0
-    for t, (v, event) in enumerate(zip(values, out), start=1):
+    for t, (v, event) in enumerate(zip(values, out, strict=True), start=1):
         m = decay * m + (1 - decay) * v
         assert event["smooth"] == pytest.approx(m / (1 - decay**t))
     raw = list(ema("v", decay=0.9, bias_correction=False)([{"v": torch.tensor(2.0)}]))
@@ -255,8 +258,8 @@ def test_early_stop_rejects_bad_arguments():
 
 
 def test_collect_filters_and_turns_scalar_tensors_into_numbers():
-    events = [{"step": 1, "loss": torch.tensor(0.5), "records": {"acc": torch.tensor(1.0)}, "model": nn.Linear(1, 1), "trainer": object(),
-               "vec": torch.ones(2)}]
+    events = [{"step": 1, "loss": torch.tensor(0.5), "records": {"acc": torch.tensor(1.0)}, "model": nn.Linear(1, 1),
+               "trainer": object(), "vec": torch.ones(2)}]
     row = collect(events)[0]
     assert row["loss"] == 0.5 and row["records"] == {"acc": 1.0} and "model" not in row and "trainer" not in row
     assert torch.equal(row["vec"], torch.ones(2))  # not a scalar: left as it is
@@ -273,7 +276,8 @@ def test_collect_jsonl_to_a_path_and_to_an_open_file(tmp_path):
     path = tmp_path / "run.jsonl"
     path.write_text("old\n")
     collect_jsonl(iter(events), path)
-    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
     buffer = io.StringIO()
     collect_jsonl(events, buffer, include=["loss"])
     assert buffer.getvalue() == '{"loss": 1.0}\n{"loss": 2.0}\n'
@@ -305,7 +309,8 @@ def test_evaluate_shares_one_forward_restores_modes_and_validation_loss():
     calls = []
     original = model.forward
     model.forward = lambda *a: calls.append(1) or original(*a)
-    result = evaluate((x, y), metrics={"mse": nn.MSELoss(), "mae": lambda p, t: float((p - t).abs().mean())})({"model": model})
+    metrics = {"mse": nn.MSELoss(), "mae": lambda p, t: float((p - t).abs().mean())}
+    result = evaluate((x, y), metrics=metrics)({"model": model})
     assert len(calls) == 1 and set(result) == {"mse", "mae"} and all(isinstance(v, float) for v in result.values())
     with torch.no_grad():
         model.eval()
@@ -322,8 +327,8 @@ def test_evaluate_shares_one_forward_restores_modes_and_validation_loss():
     with pytest.raises(ZeroDivisionError):
         evaluate((x, y), metrics={"bad": failing})({"model": model})
     assert [m.training for m in model.modules()] == [True, True, False, True]
-    assert evaluate((x,), metrics={"mean": lambda p: p.mean()}, last_label=False)({"model": model})["mean"] == pytest.approx(
-        float(original(x).mean().detach()), abs=1.0)
+    mean = evaluate((x,), metrics={"mean": lambda p: p.mean()}, last_label=False)({"model": model})["mean"]
+    assert mean == pytest.approx(float(original(x).mean().detach()), abs=1.0)
 
 
 def test_evaluate_rejects_bad_arguments():
@@ -354,7 +359,7 @@ def test_best_model_keeps_the_best_state_and_loads_it():
     params = list(model.parameters())
     best.load_into(model)
     assert torch.equal(flat_params(model), states[2])
-    assert all(a is b for a, b in zip(params, model.parameters()))  # same objects, updated in place
+    assert all(a is b for a, b in zip(params, model.parameters(), strict=True))  # same objects, updated in place
     with pytest.raises(ValueError, match="not finite"):
         best({"model": model, "val": math.nan})
     with pytest.raises(RuntimeError, match="has seen no event"):
@@ -407,7 +412,9 @@ def test_same_names_and_signatures_as_fitstream():
             continue
         ours_params = list(inspect.signature(ours).parameters.values())
         theirs_params = list(inspect.signature(theirs).parameters.values())
-        assert [(p.name, p.kind, p.default) for p in ours_params] == [(p.name, p.kind, p.default) for p in theirs_params], name
+        assert [(p.name, p.kind, p.default) for p in ours_params] == [
+            (p.name, p.kind, p.default) for p in theirs_params
+        ], name
 
 
 def test_same_results_as_fitstream_on_one_pipeline(capsys):
@@ -488,7 +495,8 @@ def test_a_stage_that_stops_the_stream_ends_training_with_a_final_checkpoint(tmp
     assert recorder.calls == ["before", 1, 2, 3, 4, 5, "after"]  # step 6 never ran
     assert (tmp_path / "ckpt" / "step_000000005").is_dir()
     # The run continues from there with a new stream (or train()).
-    resumed = make_trainer(regression_batches(4, 8), hooks=[CheckpointingHook(interval=100, path="ckpt")], workspace=tmp_path)
+    resumed = make_trainer(regression_batches(4, 8), hooks=[CheckpointingHook(interval=100, path="ckpt")],
+                           workspace=tmp_path)
     assert [e["step"] for e in resumed.events(steps=2)] == [6, 7]
 
 
@@ -583,12 +591,17 @@ def test_trainer_events_add_no_host_sync(monkeypatch):
 
 
 def test_the_readme_stream_examples_run(tmp_path, monkeypatch, capsys):
-    """The README's code blocks of the stream section, run as they are written."""
+    """The code blocks of the stream guide (docs/stream.md; before it, the README's stream
+    section), run as they are written."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Training as a stream of events", 1)[1].split("\n## ", 1)[0]
+    root = Path(__file__).resolve().parents[1]
+    guide = root / "docs" / "stream.md"
+    if guide.exists():
+        section = guide.read_text()
+    else:
+        section = (root / "README.md").read_text().split("## Training as a stream of events", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 2
     monkeypatch.chdir(tmp_path)
@@ -598,7 +611,8 @@ def test_the_readme_stream_examples_run(tmp_path, monkeypatch, capsys):
     model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2))
     namespace = {
         "nn": nn, "torch": torch, "X": X, "y": y, "X_val": X_val, "y_val": y_val, "model": model,
-        "optimizer": torch.optim.Adam(model.parameters(), lr=1e-2), "opt": torch.optim.Adam(model.parameters(), lr=1e-2),
+        "optimizer": torch.optim.Adam(model.parameters(), lr=1e-2),
+        "opt": torch.optim.Adam(model.parameters(), lr=1e-2),
         "accuracy": lambda p, t: (p.argmax(1) == t).float().mean(),
         "loader": [(X[i : i + 20], y[i : i + 20]) for i in range(0, 200, 20)],
         "forward_fn": lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
@@ -708,7 +722,8 @@ def test_a_build_failure_leaves_no_relative_limit_behind():
             return super().build_optimizer()
 
     model = nn.Linear(4, 1)
-    trainer = FlakyBuild(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=regression_batches(2, 4),
+    trainer = FlakyBuild(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                         data_loader=regression_batches(2, 4),
                          forward_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]), device="cpu")
     with pytest.raises(OSError):
         next(trainer.events(steps=5))
@@ -727,13 +742,14 @@ def test_take_leaves_other_sources_open_like_fitstream():
 def test_collect_reads_tensors_in_batches_and_keeps_containers(monkeypatch):
     from collections import OrderedDict, namedtuple
 
-    monkeypatch.setattr(stream, "_READ_EVERY", 2)
+    monkeypatch.setattr(stream.sinks, "_READ_EVERY", 2)
     Pair = namedtuple("Pair", "a b")
     held = []
 
     def source():
         for i in range(5):
-            event = {"step": i, "loss": torch.tensor(float(i)), "pair": Pair(torch.tensor(1.0), "x"), "od": OrderedDict(k=1)}
+            event = {"step": i, "loss": torch.tensor(float(i)), "pair": Pair(torch.tensor(1.0), "x"),
+                     "od": OrderedDict(k=1)}
             held.append(event)
             yield event
 

@@ -31,7 +31,12 @@ def never(batch, losses, k):
 
 
 def test_trigger_fires_on_the_previous_batch_uniformity_within_budget_and_cap():
-    trigger = LossStdTrigger(never, LossStdConfig(std_threshold=0.15, inject_ratio=0.5, budget_frac=0.15, pulse_every=1000, max_injected_per_step=4))
+    trigger = LossStdTrigger(
+        never,
+        LossStdConfig(
+            std_threshold=0.15, inject_ratio=0.5, budget_frac=0.15, pulse_every=1000, max_injected_per_step=4
+        ),
+    )
     # Credit grows by 0.15 x 10 = 1.5 a call; k = min(int(10 x 0.5) = 5, cap 4, int(credit)).
     assert trigger.decide(UNIFORM) == 0  # no previous cv yet (credit 1.5)
     assert trigger.decide(SPREAD) == 3  # the previous batch was uniform; the budget allows 3 of 5
@@ -39,12 +44,16 @@ def test_trigger_fires_on_the_previous_batch_uniformity_within_budget_and_cap():
     assert trigger.decide(UNIFORM) == 3  # credit 3.0
     assert trigger.decide(UNIFORM) == 1  # credit 1.5: the fraction waits for the next call
     assert trigger.injected <= 0.15 * trigger.seen and trigger.fired == 3
-    capped = LossStdTrigger(never, LossStdConfig(std_threshold=0.15, inject_ratio=0.5, budget_frac=1.0, max_injected_per_step=2))
+    capped = LossStdTrigger(
+        never, LossStdConfig(std_threshold=0.15, inject_ratio=0.5, budget_frac=1.0, max_injected_per_step=2)
+    )
     assert [capped.decide(UNIFORM) for _ in range(3)] == [0, 2, 2]
 
 
 def test_fractional_credit_is_carried():
-    trigger = LossStdTrigger(never, LossStdConfig(std_threshold=1.0, inject_ratio=1.0, budget_frac=0.05, max_injected_per_step=100))
+    trigger = LossStdTrigger(
+        never, LossStdConfig(std_threshold=1.0, inject_ratio=1.0, budget_frac=0.05, max_injected_per_step=100)
+    )
     got = [trigger.decide(UNIFORM) for _ in range(12)]  # 0.5 credit per call
     assert got == [0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
     assert trigger.injected == 6 and trigger.credit == pytest.approx(0.0)
@@ -78,7 +87,9 @@ def test_structures_are_mirrored_and_mismatches_named():
     joined = concat_samples(batch, picked)
     assert joined["x"].shape == (8, 3) and isinstance(joined["pair"], tuple) and isinstance(joined["pair"][1], list)
     with pytest.raises(ValueError, match=r"batch\['pair'\]\[1\]\[0\].*per-sample shape \(3,\)"):
-        check_same_structure(batch, {"x": torch.randn(1, 3), "pair": (torch.arange(1), [torch.zeros(1, 3, dtype=torch.long)])})
+        check_same_structure(
+            batch, {"x": torch.randn(1, 3), "pair": (torch.arange(1), [torch.zeros(1, 3, dtype=torch.long)])}
+        )
     with pytest.raises(ValueError, match="keys"):
         check_same_structure(batch, {"x": torch.randn(1, 3)})
     with pytest.raises(TypeError, match=r"batch\['x'\] should be a tensor"):
@@ -101,10 +112,18 @@ def test_loss_weights_originals_and_injected_and_forwards_only_the_injected():
     x, y, w = torch.randn(8, 3), torch.randint(0, 2, (8,)), torch.rand(8) + 0.5
     model = Recorder()
     copies = lambda batch, losses, k: HardestK()(batch, losses, k)  # noqa: E731 - new samples: they need a forward
-    trigger = LossStdTrigger(copies, LossStdConfig(std_threshold=100.0, inject_ratio=0.25, budget_frac=1.0, weight_alpha=1.5))
+    trigger = LossStdTrigger(
+        copies, LossStdConfig(std_threshold=100.0, inject_ratio=0.25, budget_frac=1.0, weight_alpha=1.5)
+    )
     trigger.decide(torch.ones(8))  # a previous micro-step: the next decision fires
-    trainer = SurpriseRepairTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
-                                    trigger=trigger, data_loader=[(x, y, w)], device="cpu")
+    trainer = SurpriseRepairTrainer(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=nn.CrossEntropyLoss(),
+        trigger=trigger,
+        data_loader=[(x, y, w)],
+        device="cpu",
+    )
     trainer.build()
     loss, records = trainer.forward((x, y, w))
     per_sample = nn.functional.cross_entropy(model.linear(x), y, reduction="none")
@@ -136,8 +155,14 @@ def test_quick_start_fit_returns_the_metrics():
     y = (x.sum(1) > 0).long()
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     trigger = LossStdTrigger(HardestK(), LossStdConfig(std_threshold=10.0, budget_frac=0.1, inject_ratio=0.25))
-    metrics = SurpriseRepairTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
-                                    trigger=trigger, gradient_accumulation_steps=2, device="cpu").fit(tensor_loader(x, y, batch_size=32), steps=40)
+    metrics = SurpriseRepairTrainer(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=nn.CrossEntropyLoss(),
+        trigger=trigger,
+        gradient_accumulation_steps=2,
+        device="cpu",
+    ).fit(tensor_loader(x, y, batch_size=32), steps=40)
     assert metrics["step"] == 40 and math.isfinite(metrics["loss"])
     assert 0 < metrics["repair"]["fired"] <= 1 and metrics["repair"]["injected"] > 0
     assert trigger.injected <= 0.1 * trigger.seen
@@ -154,8 +179,14 @@ def test_replay_buffer_keeps_the_hardest_and_a_generator_provider_is_checked():
     model = nn.Linear(1, 2)
     trigger = LossStdTrigger(wrong, LossStdConfig(std_threshold=100.0, budget_frac=1.0, inject_ratio=0.5))
     trigger.decide(torch.ones(4))
-    trainer = SurpriseRepairTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
-                                    trigger=trigger, data_loader=[0], device="cpu")
+    trainer = SurpriseRepairTrainer(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=nn.CrossEntropyLoss(),
+        trigger=trigger,
+        data_loader=[0],
+        device="cpu",
+    )
     trainer.build()
     with pytest.raises(ValueError, match=r"batch\[0\] has dtype torch.float32 and per-sample shape \(2,\)"):
         trainer.forward((torch.randn(4, 1), torch.zeros(4, dtype=torch.long)))
@@ -168,20 +199,36 @@ def test_resume_restores_the_trigger_and_buffer_exactly(tmp_path):
         x = torch.randn(128, 8, generator=g)
         y = (x[:, 0] > 0).long()
         model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
-        trigger = LossStdTrigger(ReplayBuffer(capacity=16), LossStdConfig(std_threshold=0.8, budget_frac=0.2, inject_ratio=0.25, pulse_every=5))
-        trainer = SurpriseRepairTrainer(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2), criterion=nn.CrossEntropyLoss(),
-                                        trigger=trigger, data_loader=tensor_loader(x, y, batch_size=16, seed=2), max_steps=steps,
-                                        device="cpu", seed=0, workspace=workspace, hooks=[CheckpointingHook(interval=5, path="ckpt")])
+        trigger = LossStdTrigger(
+            ReplayBuffer(capacity=16),
+            LossStdConfig(std_threshold=0.8, budget_frac=0.2, inject_ratio=0.25, pulse_every=5),
+        )
+        trainer = SurpriseRepairTrainer(
+            model=model,
+            optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+            criterion=nn.CrossEntropyLoss(),
+            trigger=trigger,
+            data_loader=tensor_loader(x, y, batch_size=16, seed=2),
+            max_steps=steps,
+            device="cpu",
+            seed=0,
+            workspace=workspace,
+            hooks=[CheckpointingHook(interval=5, path="ckpt")],
+        )
         trainer.train()
         return trainer
 
     straight = run(tmp_path / "a", 20)
     run(tmp_path / "b", 12)
     resumed = run(tmp_path / "b", 20)
-    assert (resumed.trigger.fired, resumed.trigger.injected, resumed.trigger.credit) == (straight.trigger.fired, straight.trigger.injected, straight.trigger.credit)
+    assert (resumed.trigger.fired, resumed.trigger.injected, resumed.trigger.credit) == (
+        straight.trigger.fired,
+        straight.trigger.injected,
+        straight.trigger.credit,
+    )
     assert straight.trigger.fired > 0
     assert torch.equal(resumed.trigger.provider.losses, straight.trigger.provider.losses)
-    for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -213,9 +260,13 @@ def test_sandwich_generation_samples_and_only_changes_its_window():
     table = torch.randn(11, 11)
     model = lambda ids: table[ids]  # noqa: E731 - a bigram "language model": ids -> logits
     prompt = torch.tensor([[1, 2, 3]])
-    plain = surprisal_sandwich_generate(model, prompt, max_new_tokens=20, sandwich=False, generator=torch.Generator().manual_seed(5))
+    plain = surprisal_sandwich_generate(
+        model, prompt, max_new_tokens=20, sandwich=False, generator=torch.Generator().manual_seed(5)
+    )
     assert plain.shape == (1, 23) and torch.equal(plain[:, :3], prompt)
-    sandwich = surprisal_sandwich_generate(model, prompt, max_new_tokens=20, small_lm=model, generator=torch.Generator().manual_seed(5))
+    sandwich = surprisal_sandwich_generate(
+        model, prompt, max_new_tokens=20, small_lm=model, generator=torch.Generator().manual_seed(5)
+    )
     # Same seed, same model: identical until the window opens at 45% of 20 new tokens, and
     # (with alpha 10 on the top 5 of 11 tokens) different after it.
     assert torch.equal(sandwich[:, : 3 + 9], plain[:, : 3 + 9])
@@ -227,7 +278,9 @@ def test_processors_plug_into_transformers_generate():
     config = transformers.GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=2)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
-    small = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=1, n_head=2)).eval()
+    small = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    ).eval()
     prompt = torch.tensor([[1, 2, 3, 4]])
     anti = AntiTopK(alpha=1e4, k=1, window=(0.0, 1.0), prompt_length=4, max_new_tokens=10)
     boost = CoherenceBoost(small, mu=0.4, start=0.7, prompt_length=4, max_new_tokens=10)
@@ -247,22 +300,36 @@ def test_processors_plug_into_transformers_generate():
                                    prompt_length=prompt_ids.shape[1], max_new_tokens=10)
         for step in range(prompt_ids.shape[1], prompt_ids.shape[1] + 6):
             ids = torch.cat([prompt_ids, torch.arange(step - prompt_ids.shape[1]).unsqueeze(0) % 50], dim=1)
-            torch.testing.assert_close(cached(ids, torch.zeros(1, 50)), recompute(ids, torch.zeros(1, 50)), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                cached(ids, torch.zeros(1, 50)), recompute(ids, torch.zeros(1, 50)), rtol=1e-4, atol=1e-5
+            )
 
 
 def test_new_sample_providers_are_refused_on_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     model = nn.Linear(2, 2)
-    trainer = SurpriseRepairTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
-                                    trigger=LossStdTrigger(ReplayBuffer()), data_loader=[0], device="cpu", parallelism=None)
+    trainer = SurpriseRepairTrainer(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=nn.CrossEntropyLoss(),
+        trigger=LossStdTrigger(ReplayBuffer()),
+        data_loader=[0],
+        device="cpu",
+        parallelism=None,
+    )
     with pytest.raises(NotImplementedError, match="HardestK"):
         trainer.build()
 
 
 def test_sample_weights_of_the_wrong_shape_are_refused():
     model = nn.Linear(3, 2)
-    trainer = SurpriseRepairTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
-                                    data_loader=[0], device="cpu")
+    trainer = SurpriseRepairTrainer(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=nn.CrossEntropyLoss(),
+        data_loader=[0],
+        device="cpu",
+    )
     trainer.build()
     with pytest.raises(ValueError, match=r"sample weights .* shape \(4,\).*got \(4, 1\)"):
         trainer.forward((torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.ones(4, 1)))

@@ -6,13 +6,13 @@ as one JSON line to `<workspace>/metrics.jsonl` on the main process."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..builder import REGISTRY
 from ..distributed import is_main_process
+from ..plain import json_safe
 from ..utils import check_int
 from .base import BaseHook
 from ..metrics import StepMetrics
@@ -76,18 +76,4 @@ class LoggingHook(BaseHook):
         # Open, append, close: at most once per interval, and nothing is left open if the
         # process dies or logs again after training.
         with open(path, "a", encoding="utf-8") as file:
-            file.write(json.dumps(_json_safe(line), allow_nan=False) + "\n")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # 0-d tensors, numpy scalars
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
+            file.write(json.dumps(json_safe(line), allow_nan=False) + "\n")

@@ -19,7 +19,6 @@ What decides how the run starts (`wandb.init`), strongest first:
 from __future__ import annotations
 
 import logging
-import math
 import netrc
 import os
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ from urllib.parse import urlsplit
 from ..builder import REGISTRY
 from ..distributed import is_main_process
 from ..images import as_image_list, is_image_batch, to_pil
+from ..plain import json_safe, to_plain
 from ..utils import flatten_dict
 from .base import BaseHook
 
@@ -103,7 +103,7 @@ class WandbHook(BaseHook):
             raise TypeError(f"WandbHook.resume_run must be True or False; got {type(resume_run).__name__} {resume_run!r}")
         self.project = project
         self.name = name
-        self.config = _config_safe(config) if config is not None else None
+        self.config = json_safe(config, non_finite_as_text=True) if config is not None else None
         self.tags = _check_tags(tags)
         self.resume_run = resume_run
         self.init_kwargs = dict(init_kwargs)
@@ -125,7 +125,7 @@ class WandbHook(BaseHook):
     def on_log(self, trainer: BaseTrainer, records: Mapping[str, Any], dry_run: bool = False) -> None:
         if dry_run or not is_main_process():
             return
-        data = {key: _scalar(value) for key, value in flatten_dict(records, sep="/").items()}
+        data = {key: to_plain(value) for key, value in flatten_dict(records, sep="/").items()}
         self._log(trainer, data)
 
     def on_log_images(self, trainer: BaseTrainer, records: Mapping[str, Any], dry_run: bool = False) -> None:
@@ -313,24 +313,3 @@ def _check_tags(tags: Any) -> list[str] | None:
     if not isinstance(tags, Sequence) or not all(isinstance(tag, str) and tag.strip() for tag in tags):
         raise TypeError(f"WandbHook.tags must be {allowed}; got {type(tags).__name__} {tags!r}")
     return list(tags)
-
-
-def _scalar(value: Any) -> Any:
-    """0-d tensors and numpy scalars as Python numbers (wandb would log a tensor as a histogram)."""
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        return value.item()
-    return value
-
-
-def _config_safe(value: Any) -> Any:
-    """A copy of a config that JSON can hold: unknown objects become their str()."""
-    if isinstance(value, Mapping):
-        return {str(key): _config_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_config_safe(item) for item in value]
-    value = _scalar(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)

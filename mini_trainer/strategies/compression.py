@@ -8,9 +8,10 @@ stored 4 trits per byte (2 bits each), so 16x smaller than float32 in fact, not 
 VSA: all gradients of a model, flattened, go through a seeded count-sketch projection to
 D = dim_ratio * N numbers (each coordinate added, with a random sign, to one of D slots; a
 very sparse random projection that is never stored, only re-drawn from its seed), which
-are then ternarised (kept where above `threshold` x their mean magnitude) and packed, and optionally bound to a key (elementwise sign flips) so
-that several codes can be bundled into one hypervector. Decompression projects back (the
-transpose). Quality is measured, not assumed: `reconstruction_cosine`.
+are then ternarised (kept where above `threshold` x their mean magnitude) and packed, and
+optionally bound to a key (elementwise sign flips) so that several codes can be bundled
+into one hypervector. Decompression projects back (the transpose). Quality is measured,
+not assumed: `reconstruction_cosine`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..utils import check_int, check_number
+from .seeded_generator import SeededGenerator
 
 __all__ = [
     "TernaryCode",
@@ -57,7 +59,10 @@ class TernaryCode:
 
 
 def ternarize(
-    g: torch.Tensor, mode: str = "stochastic", threshold: float | torch.Tensor = 0.5, generator: torch.Generator | None = None
+    g: torch.Tensor,
+    mode: str = "stochastic",
+    threshold: float | torch.Tensor = 0.5,
+    generator: torch.Generator | None = None,
 ) -> TernaryCode:
     """Quantise `g` to a packed `TernaryCode` (see the module docstring for the modes;
     `threshold` may be a device scalar, so that no value is read back to the host)."""
@@ -99,7 +104,7 @@ class TernaryGradientAccumulator:
         self.mode = mode
         self.threshold = float(threshold)
         self.seed = seed
-        self.generator: torch.Generator | None = None  # on the gradients' device, made at first use
+        self._rng = SeededGenerator(seed)  # on the gradients' device, made at first use
         self.codes: list[TernaryCode] | None = None
         self.count = 0
 
@@ -111,22 +116,21 @@ class TernaryGradientAccumulator:
         self.codes = [self._quantize(g) for g in summed]
         self.count += 1
 
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The quantiser's own RNG (None until the first `add`)."""
+        return self._rng.generator
+
     def _quantize(self, g: torch.Tensor) -> TernaryCode:
-        if self.generator is None or self.generator.device.type != g.device.type:
-            self.generator = torch.Generator(device=g.device).manual_seed(self.seed)
-        return ternarize(g, self.mode, self.threshold, self.generator)
+        return ternarize(g, self.mode, self.threshold, self._rng.on(g.device))
 
     def state_dict(self) -> dict:
         """The quantiser's RNG (the running sum is empty between optimizer steps)."""
-        if self.generator is None:
-            return {"generator": None, "device": None}
-        return {"generator": self.generator.get_state(), "device": self.generator.device.type}
+        rng_state, device_type = self._rng.get_state()
+        return {"generator": rng_state, "device": device_type}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator = None
-        if state.get("generator") is not None:
-            self.generator = torch.Generator(device=state["device"])
-            self.generator.set_state(state["generator"].clone())
+        self._rng.set_state(state.get("generator"), state.get("device"))
 
     def total(self) -> list[torch.Tensor] | None:
         return None if self.codes is None else [code.decode() for code in self.codes]
@@ -230,7 +234,7 @@ class VSAGradientCompressor:
 def gradient_cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     """Cosine similarity of two gradient lists taken as one vector, as a device scalar
     (no host read, no concatenated copy)."""
-    dot = torch.stack([(x.float() * y.float()).sum() for x, y in zip(a, b)]).sum()
+    dot = torch.stack([(x.float() * y.float()).sum() for x, y in zip(a, b, strict=False)]).sum()
     norm_a = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([x.float() for x in a])))
     norm_b = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([y.float() for y in b])))
     return dot / (norm_a * norm_b).clamp_min(1e-30)

@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
 from ..builder import REGISTRY
 from ..data import split_train_loader
 from ..trainer import BaseTrainer, NonFiniteGradientError
-from ..utils import check_choice, check_int, check_number
+from ..utils import check_choice, check_int, check_number, eval_mode
 from .class_vectors import class_vectors
+from .config_fields import pop_config_fields
 
 __all__ = ["SpelaConfig", "SpelaNet", "SpelaTrainer"]
 
@@ -78,7 +78,6 @@ class SpelaConfig:
         check_number("SpelaConfig.grad_clip", self.grad_clip, positive=True, allow_none=True)
 
 
-_CONFIG_FIELDS = {f.name for f in dataclasses.fields(SpelaConfig)}
 _NORMALISATION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -161,7 +160,10 @@ class SpelaNet(nn.Module):
         """Class similarities at `exit_layer` (an index into the layers; -1: the last)."""
         check_int("exit_layer", exit_layer)
         if not -len(self.layers) <= exit_layer < len(self.layers):
-            raise ValueError(f"exit_layer must index one of the {len(self.layers)} layers (0..{len(self.layers) - 1}, or -1 for the last); got {exit_layer}")
+            raise ValueError(
+                f"exit_layer must index one of the {len(self.layers)} layers "
+                f"(0..{len(self.layers) - 1}, or -1 for the last); got {exit_layer}"
+            )
         exit_layer %= len(self.layers)
         h = x
         for k in range(exit_layer + 1):
@@ -196,12 +198,14 @@ class SpelaTrainer(BaseTrainer):
         config: SpelaConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        fields = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS and k != "seed"}
+        fields = pop_config_fields(SpelaConfig, kwargs, shared=("seed",))
         if "seed" in kwargs:
             fields["seed"] = kwargs["seed"]  # seeds the run and the class vectors
         if config is None:
             if "num_classes" not in fields:
-                raise TypeError("SpelaTrainer needs num_classes: pass config=SpelaConfig(num_classes=...) or num_classes=...")
+                raise TypeError(
+                    "SpelaTrainer needs num_classes: pass config=SpelaConfig(num_classes=...) or num_classes=..."
+                )
             config = SpelaConfig(**fields)
         elif not isinstance(config, SpelaConfig):
             raise TypeError(f"config must be a SpelaConfig; got {type(config).__name__}")
@@ -308,7 +312,8 @@ class SpelaTrainer(BaseTrainer):
             # Earlier layers of this batch are already updated, so the step cannot be redone.
             raise NonFiniteGradientError(
                 f"non-finite gradients in layer {k + 1} at step {self.step + 1}: check the learning rate and the data "
-                "(SpelaTrainer updates layer by layer and cannot retry a step; max_non_finite_grad_retries=None skips this check)"
+                "(SpelaTrainer updates layer by layer and cannot retry a step; "
+                "max_non_finite_grad_retries=None skips this check)"
             )
         if scaler is not None:
             scaler.step(self.optimizer)
@@ -350,14 +355,8 @@ class SpelaTrainer(BaseTrainer):
     def predict(self, inputs: torch.Tensor, exit_layer: int = -1) -> torch.Tensor:
         """Class indices: argmax of the cosine to each class vector at `exit_layer`."""
         self.build()
-        net = self.spela_net
-        was_training = net.training
-        net.eval()
-        try:
-            with self.autocast():
-                return net(inputs.to(self.device, non_blocking=True), exit_layer).argmax(dim=1)
-        finally:
-            net.train(was_training)
+        with eval_mode(self.spela_net) as net, self.autocast():
+            return net(inputs.to(self.device, non_blocking=True), exit_layer).argmax(dim=1)
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable | Mapping[str, Iterable] | None = None) -> dict[str, float]:
@@ -373,11 +372,9 @@ class SpelaTrainer(BaseTrainer):
                 results.update({f"{name}_{k}": v for k, v in self.evaluate(each).items()})
             return results
         net = self.spela_net
-        was_training = net.training
-        net.eval()
         correct = torch.zeros(len(net.layers), dtype=torch.float64, device=self.device)
         count = 0
-        try:
+        with eval_mode(net):
             for inputs, labels in loader:
                 inputs = inputs.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
@@ -387,8 +384,6 @@ class SpelaTrainer(BaseTrainer):
                         h = net.layer_output(net.layer_input(h, k), k)
                         correct[k] += (net.similarities(h, k).argmax(dim=1) == labels).sum()
                 count += labels.numel()
-        finally:
-            net.train(was_training)
         accuracy = (correct / max(count, 1)).tolist()  # one host transfer
         results = {f"exit_{k + 1}_accuracy": a for k, a in enumerate(accuracy)}
         results["accuracy"] = accuracy[-1]

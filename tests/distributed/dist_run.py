@@ -96,7 +96,9 @@ Y = (X @ torch.randn(8, 4, generator=g)).tanh() + 0.05 * torch.randn(96, 4, gene
 class Run(BaseTrainer):
     def build_model(self):
         torch.manual_seed(0)  # the same initial weights everywhere (FSDP2 needs that)
-        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(args.dropout), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+        model = nn.Sequential(
+            nn.Linear(8, 16), nn.Tanh(), nn.Dropout(args.dropout), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+        )
         torch.manual_seed(100 + RANK)  # different dropout masks per rank: resume must restore each rank's own RNG
         return model
 
@@ -142,7 +144,9 @@ class Faults(BaseHook):
             os.kill(os.getpid(), signal.SIGTERM)
 
     def on_after_step(self, trainer):
-        seen.append({"step": trainer.step, "retries": trainer.step_info["retries"], "loss": float(trainer.step_info["loss"])})
+        seen.append(
+            {"step": trainer.step, "retries": trainer.step_info["retries"], "loss": float(trainer.step_info["loss"])}
+        )
         rank, step = rank_step(args.stop)
         if RANK == rank and trainer.step == step:
             trainer.should_stop = True
@@ -184,7 +188,15 @@ counts: list[int] = []
 seen: list[dict] = []
 hooks = [Faults()]
 if args.interval is not None or args.sharded or args.sigterm or args.sigkill:
-    hooks.append(CheckpointingHook(interval=args.interval, path="ckpt", load=None if args.load == "none" else args.load, sharded=args.sharded, exit_wait=20))
+    hooks.append(
+        CheckpointingHook(
+            interval=args.interval,
+            path="ckpt",
+            load=None if args.load == "none" else args.load,
+            sharded=args.sharded,
+            exit_wait=20,
+        )
+    )
 if args.ema:
     hooks.append(EmaHook(decay=0.9))
 if args.metrics:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_torchrun import max_difference, ranks, single, torchrun, weights
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -23,8 +23,12 @@ from mini_trainer.trainer import optimizer_state_by_index, optimizer_state_by_na
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_sampler_yields_what_distributed_sampler_does(n, world, drop_last, shuffle):
     for rank in range(world):
-        ours = EpochShuffleSampler(range(n), shuffle=shuffle, seed=3, num_replicas=world, rank=rank, drop_last=drop_last)
-        theirs = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=3, drop_last=drop_last)
+        ours = EpochShuffleSampler(
+            range(n), shuffle=shuffle, seed=3, num_replicas=world, rank=rank, drop_last=drop_last
+        )
+        theirs = DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=3, drop_last=drop_last
+        )
         for epoch in (0, 2):
             ours.set_epoch(epoch)
             theirs.set_epoch(epoch)
@@ -42,7 +46,9 @@ def test_ranks_together_read_one_big_batch_and_resume_at_a_sample_offset():
     per_rank = [list(s) for s in shards]
     # Batch b of both ranks (4 each) is batch b of one process with 8.
     for b in range(3):
-        assert sorted(per_rank[0][4 * b : 4 * b + 4] + per_rank[1][4 * b : 4 * b + 4]) == sorted(order[8 * b : 8 * b + 8])
+        assert sorted(per_rank[0][4 * b : 4 * b + 4] + per_rank[1][4 * b : 4 * b + 4]) == sorted(
+            order[8 * b : 8 * b + 8]
+        )
     # 2 ranks resumed after 10 samples of epoch 1 read exactly the rest of it, in order.
     for shard in shards:
         shard.resume_at(1, 10)
@@ -66,7 +72,9 @@ def test_stateful_loader_shards_by_torchrun_environment(monkeypatch):
 
 def test_optimizer_state_translates_between_index_and_name_layouts():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    optimizer = torch.optim.AdamW([{"params": [model[1].weight]}, {"params": [model[0].weight, model[0].bias, model[1].bias], "lr": 0.5}])
+    optimizer = torch.optim.AdamW(
+        [{"params": [model[1].weight]}, {"params": [model[0].weight, model[0].bias, model[1].bias], "lr": 0.5}]
+    )
     model(torch.randn(2, 3)).sum().backward()
     optimizer.step()
     names = ["1.weight", "0.weight", "0.bias", "1.bias"]
@@ -125,11 +133,19 @@ def test_a_restarted_group_joins_under_keys_of_its_own_and_times_out_clearly(mon
     attempt 1 must not read the addresses attempt 0 left there. Rank 1 never comes, so
     joining ends within init_timeout, saying so."""
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    for name, value in [("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(server.port)),
-                        ("TORCHELASTIC_USE_AGENT_STORE", "True"), ("TORCHELASTIC_RESTART_COUNT", "1")]:
+    for name, value in [
+        ("WORLD_SIZE", "2"),
+        ("RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(server.port)),
+        ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ("TORCHELASTIC_RESTART_COUNT", "1"),
+    ]:
         monkeypatch.setenv(name, value)
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"rank 0 could not join the process group of 2 processes within 2s \(torchrun attempt 1\)"):
+    with pytest.raises(
+        RuntimeError, match=r"rank 0 could not join the process group of 2 processes within 2s \(torchrun attempt 1\)"
+    ):
         distributed.init_from_env(torch.device("cpu"), init_timeout=2)
     assert time.monotonic() - started < 10
     assert not distributed.is_distributed()
@@ -138,7 +154,13 @@ def test_a_restarted_group_joins_under_keys_of_its_own_and_times_out_clearly(mon
 
 def test_single_process_run_with_ddp_or_fsdp_wraps_nothing():
     model = nn.Linear(2, 1)
-    trainer = BaseTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=[0], parallelism="fsdp", device="cpu")
+    trainer = BaseTrainer(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=[0],
+        parallelism="fsdp",
+        device="cpu",
+    )
     trainer.build()
     assert trainer.parallel is None and trainer.model is model
 
@@ -187,7 +209,13 @@ def test_fsdp_shards_units_and_root_and_trains_like_a_plain_model(one_process_gr
 
 def test_fsdp_refuses_a_ready_optimizer_and_ema(one_process_group):
     model = nn.Sequential(nn.Linear(2, 2))
-    ready = BaseTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=[0], parallelism="fsdp", device="cpu")
+    ready = BaseTrainer(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=[0],
+        parallelism="fsdp",
+        device="cpu",
+    )
     with pytest.raises(TypeError, match="build_optimizer"):
         ready.build()
     with_ema = ShardedRun(parallelism="fsdp", device="cpu", max_steps=1, hooks=[EmaHook()])
@@ -197,7 +225,9 @@ def test_fsdp_refuses_a_ready_optimizer_and_ema(one_process_group):
 
 def test_an_already_wrapped_model_is_left_alone(one_process_group):
     ddp = nn.parallel.DistributedDataParallel(nn.Linear(2, 1))
-    trainer = BaseTrainer(model=ddp, optimizer=torch.optim.SGD(ddp.parameters(), lr=0.1), data_loader=[0], parallelism="ddp", device="cpu")
+    trainer = BaseTrainer(
+        model=ddp, optimizer=torch.optim.SGD(ddp.parameters(), lr=0.1), data_loader=[0], parallelism="ddp", device="cpu"
+    )
     trainer.build()
     assert trainer.model is ddp and trainer.parallel is None
     assert distributed.resolve_parallelism("auto", nn.Linear(2, 1)) is None  # a world of one: nothing to do
@@ -216,8 +246,14 @@ def _small_run(**kwargs):
         seen.append(batch[0].clone())
         return nn.functional.mse_loss(model(batch[0]), batch[1])
 
-    trainer = BaseTrainer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=tensor_loader(x, y, batch_size=kwargs.pop("batch_size"), seed=3),
-                          forward_fn=forward, device="cpu", **kwargs)
+    trainer = BaseTrainer(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=tensor_loader(x, y, batch_size=kwargs.pop("batch_size"), seed=3),
+        forward_fn=forward,
+        device="cpu",
+        **kwargs,
+    )
     return trainer, seen, x
 
 
@@ -246,6 +282,8 @@ def test_spela_refuses_to_start_under_torchrun_with_several_processes(monkeypatc
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # before the process group exists: what torchrun sets
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6))
-    trainer = SpelaTrainer(net, num_classes=4, device="cpu", data_loader=[(torch.randn(2, 4), torch.tensor([0, 1]))], max_steps=1)
+    trainer = SpelaTrainer(
+        net, num_classes=4, device="cpu", data_loader=[(torch.randn(2, 4), torch.tensor([0, 1]))], max_steps=1
+    )
     with pytest.raises(NotImplementedError, match="several processes"):
         trainer.build()

@@ -56,7 +56,8 @@ def kill_tree(pid: int) -> None:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
-                children.setdefault(int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
     descendants, queue = [], list(children.get(pid, []))
     while queue:
         current = queue.pop()
@@ -75,14 +76,19 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 def torchrun(workspace: Path, *args: str, nproc: int = 2, expect_rc: int | None = 0, restarts: int = 0) -> str:
     for stale in [workspace / "final.safetensors", *(workspace / f"rank{r}.json" for r in range(nproc))]:
         stale.unlink(missing_ok=True)  # left by an earlier run in this workspace
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={restarts}"]
+    launcher = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        f"--max-restarts={restarts}",
+    ]
     rc, output = launch([*launcher, str(SCRIPT), str(workspace), *args])
-    finished = all((workspace / f"rank{r}.json").exists() for r in range(nproc)) and (workspace / "final.safetensors").exists()
+    finished = (
+        all((workspace / f"rank{r}.json").exists() for r in range(nproc)) and (workspace / "final.safetensors").exists()
+    )
     if expect_rc == 0 and rc != 0 and TEARDOWN_ABORT in output and finished:
         # Seen twice in ~150 launches on this machine, never reproduced on purpose: a C++
         # abort while a process exits, after the run finished and wrote everything (see
         # the README's known issues). What the tests check is intact, so it is not a failure.
-        warnings.warn(f"torchrun run finished, then a process aborted at exit ({TEARDOWN_ABORT})")
+        warnings.warn(f"torchrun run finished, then a process aborted at exit ({TEARDOWN_ABORT})", stacklevel=2)
         return output
     if expect_rc is not None:
         assert rc == expect_rc, f"torchrun exited with {rc}:\n{output[-6000:]}"
@@ -174,7 +180,9 @@ def test_nan_or_stop_on_one_rank_is_followed_by_every_rank(tmp_path, parallelism
 
 def test_a_checkpoint_write_failing_on_rank_zero_stops_every_rank(tmp_path):
     """Rank 1 must not wait forever for a checkpoint rank 0 could not write."""
-    output = torchrun(tmp_path, "--steps", "8", "--interval", "2", "--parallelism", "ddp", "--fail-write", "0", expect_rc=None)
+    output = torchrun(
+        tmp_path, "--steps", "8", "--interval", "2", "--parallelism", "ddp", "--fail-write", "0", expect_rc=None
+    )
     assert "No space left on device (simulated)" in output
     assert "another rank failed while saving or loading a checkpoint" in output
     assert not (tmp_path / "rank0.json").exists() and not (tmp_path / "rank1.json").exists()
@@ -195,7 +203,10 @@ def test_synced_metrics_are_logged_once_by_rank_zero(tmp_path):
 
 # ---------------------------------------------------------------- exact resume
 
-RESUMABLE = ["--steps", "12", "--interval", "4", "--dropout", "0.1", "--optimizer", "adamw", "--accum", "2", "--parallelism", "ddp", "--ema"]
+RESUMABLE = [
+    "--steps", "12", "--interval", "4", "--dropout", "0.1", "--optimizer", "adamw", "--accum", "2",
+    "--parallelism", "ddp", "--ema",
+]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,9 @@ parser.add_argument("workspace")
 parser.add_argument("--steps", type=int, default=30)
 parser.add_argument("--interval", type=int, default=4)
 parser.add_argument("--kill", default=None)
-parser.add_argument("--kill-after-fsync", default=None, help="STEP:N: SIGKILL right after the N-th fsync of step STEP's checkpoint")
+parser.add_argument(
+    "--kill-after-fsync", default=None, help="STEP:N: SIGKILL right after the N-th fsync of step STEP's checkpoint"
+)
 parser.add_argument("--workers", type=int, default=0)
 parser.add_argument("--load", default="latest")
 parser.add_argument("--async-save", action="store_true")
@@ -108,7 +110,9 @@ trainer = Resumable(
     seed=0,
     workspace=args.workspace,
     hooks=[
-        CheckpointingHook(interval=args.interval, keep_previous=2, path="checkpoints", load=args.load, async_save=args.async_save),
+        CheckpointingHook(
+            interval=args.interval, keep_previous=2, path="checkpoints", load=args.load, async_save=args.async_save
+        ),
         EmaHook(decay=0.9),
         Markers(),
     ],

@@ -45,7 +45,9 @@ class _Placed:
 
     def fraction(self, input_ids: torch.Tensor) -> float:
         if self.prompt_length is None or self.max_new_tokens is None:
-            raise RuntimeError(f"{type(self).__name__} is not placed: pass prompt_length= and max_new_tokens=, or call begin()")
+            raise RuntimeError(
+                f"{type(self).__name__} is not placed: pass prompt_length= and max_new_tokens=, or call begin()"
+            )
         return (input_ids.shape[-1] - self.prompt_length) / self.max_new_tokens
 
 
@@ -119,7 +121,8 @@ class CoherenceBoost(_Placed):
         return scores + self.mu * small[..., : scores.shape[-1]]
 
 
-def top_p_sample(logits: torch.Tensor, top_p: float = 0.9, temperature: float = 0.8, generator: torch.Generator | None = None) -> torch.Tensor:
+def top_p_sample(logits: torch.Tensor, top_p: float = 0.9, temperature: float = 0.8,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row: nucleus sampling at `temperature`."""
     probs = torch.softmax(logits.float() / max(temperature, 1e-6), dim=-1)
     sorted_probs, order = torch.sort(probs, descending=True, dim=-1)

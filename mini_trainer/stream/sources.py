@@ -1,0 +1,147 @@
+"""Sources: where events come from. `epoch_stream` trains on in-memory tensors and yields
+one event per epoch; `iter_batches` is the batching it uses. (The other source is
+`BaseTrainer.events()`: one event per step of a full-featured run.)"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..utils import check_int
+from .checks import to_positive_int
+from .events import Event
+
+
+def iter_batches(
+    *tensors: torch.Tensor,
+    batch_size: int = 1,
+    shuffle: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield aligned batches (tuples, one slice per tensor) along the first dimension.
+
+    The last batch is smaller when the sample count is not a multiple of `batch_size`.
+    With `shuffle`, one `torch.randperm` per call orders the samples; pass a seeded
+    `generator` for a reproducible order (the permutation is drawn on the generator's
+    device and moved to the data's).
+
+    >>> x = torch.arange(10).reshape(5, 2)
+    >>> y = torch.arange(5)
+    >>> [tuple(b.tolist() for b in batch) for batch in iter_batches(x, y, batch_size=2, shuffle=False)][-1]
+    ([[8, 9]], [4])
+    """
+    to_positive_int("batch_size", batch_size)
+    n = _sample_count(tensors, "tensors") if tensors else 0
+    return _batches(tensors, n, batch_size, shuffle, generator)
+
+
+def _batches(tensors, n, batch_size, shuffle, generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    if not tensors:
+        return
+    if not shuffle:
+        yield from zip(*(t.split(batch_size) for t in tensors), strict=True)  # same sample count: same chunks
+        return
+    device = generator.device if generator is not None else tensors[0].device
+    order = torch.randperm(n, device=device, generator=generator).to(tensors[0].device)
+    for chunk in order.split(batch_size):
+        yield tuple(t[chunk] for t in tensors)
+
+
+def epoch_stream(
+    train_data: Sequence[torch.Tensor],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    batch_size: int = 1,
+    shuffle: bool = True,
+    last_label: bool = True,
+    generator: torch.Generator | None = None,
+    extra: dict[str, Any] | None = None,
+    step_offset: int = 0,
+) -> Iterator[Event]:
+    """Train on in-memory tensors, one event per epoch, forever (cut it with `take`,
+    `early_stop` or `itertools.islice`).
+
+    Args:
+        train_data: tensors with the samples along the first dimension. With
+            `last_label=True` the last one holds the labels and the others are the model's
+            inputs (`model(*inputs)`); otherwise all are inputs.
+        model, optimizer: the model to train and an optimizer over its parameters.
+        loss_fn: `loss_fn(predictions, labels)`, or `loss_fn(predictions)` without labels;
+            it must average over the batch (the epoch loss weights batches by their size).
+        batch_size, shuffle, generator: how batches are drawn (see `iter_batches`).
+        extra: keys added to every event.
+        step_offset: added to the 1-based epoch number in `step` (to continue a count).
+
+    Each event holds `model`, `step` (epoch number), `train_loss` (the epoch's mean loss,
+    a float: read once per epoch) and `train_time_sec`. Model and data must already be on
+    the same device; the model is put in training mode at the start of every epoch.
+
+    >>> x = torch.tensor([[1.0], [2.0]]); y = torch.tensor([[2.0], [4.0]])
+    >>> model = nn.Linear(1, 1, bias=False)
+    >>> _ = nn.init.zeros_(model.weight)
+    >>> stream = epoch_stream((x, y), model, torch.optim.SGD(model.parameters(), lr=0.0), nn.MSELoss(), batch_size=2)
+    >>> event = next(stream)
+    >>> event["step"], event["train_loss"]
+    (1, 10.0)
+    """
+    to_positive_int("batch_size", batch_size)
+    if not train_data:
+        raise ValueError("train_data must hold at least one tensor; got an empty sequence")
+    if last_label and len(train_data) < 2:
+        raise ValueError(
+            f"train_data holds {len(train_data)} tensor(s) but last_label=True needs at least two "
+            "(inputs..., labels); pass last_label=False for label-free losses"
+        )
+    check_int("step_offset", step_offset)  # a plain int, as fitstream requires (numpy ints fail there too)
+    if extra is not None and not isinstance(extra, Mapping):
+        raise TypeError(f"extra must be a dict of keys to add to each event; got {type(extra).__name__}")
+    _sample_count(train_data, "train_data")
+    batching = (batch_size, shuffle, generator)
+    return _epochs(train_data, model, optimizer, loss_fn, batching, last_label, dict(extra or {}), step_offset)
+
+
+def _epochs(train_data, model, optimizer, loss_fn, batching, last_label, extra, step_offset) -> Iterator[Event]:
+    batch_size, shuffle, generator = batching
+    epoch = step_offset
+    while True:
+        model.train()
+        started = time.perf_counter()
+        # The epoch loss is summed on the device and read once at the end: no host sync
+        # per batch.
+        loss_sum = torch.zeros((), device=train_data[0].device)
+        samples = 0
+        for batch in iter_batches(*train_data, batch_size=batch_size, shuffle=shuffle, generator=generator):
+            inputs, labels = (batch[:-1], batch[-1]) if last_label else (batch, None)
+            predictions = model(*inputs)
+            loss = loss_fn(predictions, labels) if last_label else loss_fn(predictions)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            size = inputs[0].shape[0]
+            loss_sum += loss.detach() * size
+            samples += size
+        epoch += 1
+        yield Event(
+            model=model,
+            step=epoch,
+            train_loss=(loss_sum / samples).item(),
+            train_time_sec=time.perf_counter() - started,
+            **extra,
+        )
+
+
+def _sample_count(tensors: Sequence[torch.Tensor], name: str) -> int:
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor; got {type(t).__name__}")
+    counts = [t.shape[0] if t.ndim else None for t in tensors]
+    if None in counts or len(set(counts)) != 1:
+        shapes = [tuple(t.shape) for t in tensors]
+        raise ValueError(f"{name} must share their first (sample) dimension; got shapes {shapes}")
+    return counts[0]
