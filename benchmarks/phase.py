@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mini_trainer import BaseTrainer
+from mini_trainer import BaseHook, BaseTrainer
 from mini_trainer.datasets import digits_loaders
 from mini_trainer.strategies import PhaseTrainer
 
@@ -74,16 +74,15 @@ def train(kind: str, architecture: str, steps: int, seed: int) -> dict:
     def forward(model: nn.Module, batch) -> torch.Tensor:
         return F.cross_entropy(model(batch[0]), batch[1])
 
+    class Record(BaseHook):  # only on_after_step: the trainer calls nothing else of it
+        def on_after_step(self, t: BaseTrainer) -> None:
+            losses.append(t.step_info["loss"])
+            clock.append(time.perf_counter())
+
     common = dict(model=model, optimizer=optimizer, data_loader=loaders["train"], forward_fn=forward,
-                  max_steps=steps, device="cpu", seed=seed, grad_clip=1.0)
+                  max_steps=steps, device="cpu", seed=seed, grad_clip=1.0, hooks=[Record()])
     trainer = BaseTrainer(**common) if kind == "baseline" else PhaseTrainer(**common)
     trainer.build()
-
-    def record(t: BaseTrainer) -> None:
-        losses.append(t.step_info["loss"])
-        clock.append(time.perf_counter())
-
-    trainer._hooks_for["on_after_step"].append(record)  # no hook class: the cheapest observer
     start = time.perf_counter()
     trainer.train()
     times = [c - start for c in clock]

@@ -5,7 +5,7 @@ training time is spent."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,13 @@ from torch import nn
 from . import distributed
 from .utils import check_directory_path, check_int, check_number
 
-__all__ = ["check_optional_type", "check_trainer_arguments"]
+__all__ = ["STILL_RUNNING", "check_built", "check_optional_type", "check_run_arguments", "check_scheduler", "check_trainer_arguments"]
+
+STILL_RUNNING = (
+    "this trainer is still in a run: a stream from trainer.events() was left unfinished "
+    "(a break, an error outside a stage, or a variable still holding it). Close it first "
+    "(events.close()), or use `with trainer.events() as events:` so that it closes itself"
+)
 
 
 def check_trainer_arguments(args: Mapping[str, Any]) -> None:
@@ -60,6 +66,28 @@ def check_trainer_arguments(args: Mapping[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
         check_optional_type("state_dict_options", args["state_dict_options"], StateDictOptions)
+
+
+def check_run_arguments(epochs: Any, steps: Any, data_loader: Any = None) -> None:
+    """What `fit()` and `events()` accept: relative limits >= 1 and an iterable loader."""
+    check_int("epochs", epochs, minimum=1, allow_none=True)
+    check_int("steps", steps, minimum=1, allow_none=True)
+    if data_loader is not None and not isinstance(data_loader, Iterable):
+        raise TypeError(f"data_loader must be an iterable of batches; got {type(data_loader).__name__}")
+
+
+def check_built(method: str, value: Any, kind: type, description: str) -> Any:
+    """`value`, what a `build_*` method returned, unless it is not a `kind`."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{method} must return {description}; got {type(value).__name__}")
+    return value
+
+
+def check_scheduler(scheduler: Any) -> Any:
+    """What `build_lr_scheduler()` returned, unless it is neither None nor has `step()`."""
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise TypeError(f"build_lr_scheduler() must return an object with step(); got {scheduler!r}")
+    return scheduler
 
 
 def check_optional_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:

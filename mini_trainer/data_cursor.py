@@ -21,7 +21,7 @@ from .data import epoch_sampler
 from .rng import preserved_rng
 from .utils import map_nested_tensor
 
-__all__ = ["END_OF_DATA", "DataCursor"]
+__all__ = ["END_OF_DATA", "DataCursor", "cursor_field"]
 
 
 class _EndOfData:
@@ -32,6 +32,15 @@ class _EndOfData:
 #: What `DataCursor.next_batch` (and `BaseTrainer.next_batch`) return when `max_epochs`
 #: ends in the middle of an optimizer step.
 END_OF_DATA = _EndOfData()
+
+
+def cursor_field(name: str, doc: str) -> property:
+    """A property of an owner (the trainer) whose value lives in its `data_cursor`."""
+    return property(
+        lambda owner: getattr(owner.data_cursor, name),
+        lambda owner, value: setattr(owner.data_cursor, name, value),
+        doc=doc,
+    )
 
 
 class DataCursor:
@@ -116,10 +125,15 @@ class DataCursor:
         per_epoch = self.batches_per_epoch()
         return bool(per_epoch) and self.batch_in_epoch >= per_epoch
 
-    def steps_left(self, max_epochs: int, accumulation: int) -> int | None:
-        """Optimizer steps until `max_epochs` ends, for loaders with a length."""
+    def reached(self, max_epochs: int) -> bool:
+        """Whether `max_epochs` epochs are done (an epoch whose last batch was drawn counts)."""
+        self.roll_over_if_epoch_done()
+        return self.epoch >= max_epochs
+
+    def steps_left(self, max_epochs: int | None, accumulation: int) -> int | None:
+        """Optimizer steps until `max_epochs` ends (None: no limit, or a loader without a length)."""
         per_epoch = self.batches_per_epoch()
-        if not per_epoch:
+        if max_epochs is None or not per_epoch:
             return None
         batches_left = (max_epochs - self.epoch) * per_epoch - self.batch_in_epoch
         return math.ceil(max(batches_left, 0) / accumulation)

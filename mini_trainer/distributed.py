@@ -41,9 +41,10 @@ __all__ = [
     "is_main_process",
     "collective_device",
     "all_reduce_sum",
-    "all_reduce_mean",
     "union_of_names",
     "agree_max",
+    "check_process_limit",
+    "prepare_model",
     "barrier",
     "gradient_sync",
     "all_reduce_gradients",
@@ -233,6 +234,39 @@ def default_fsdp_units(model: nn.Module) -> list[nn.Module]:
     return [item for container in containers for item in container if any(True for _ in item.parameters())]
 
 
+def check_process_limit(owner: str, limit: int | None, reason: str) -> None:
+    """NotImplementedError before anything is built when this launch has more processes than
+    `owner` (a trainer class) supports, with `reason` (its `max_processes_reason`)."""
+    world = launched_world()  # known under torchrun before the process group exists
+    if limit is not None and world > limit:
+        allowed = "one process" if limit == 1 else f"at most {limit} processes"
+        raise NotImplementedError(f"{owner} runs on {allowed}, and this run has {world}: {reason or 'no more'}")
+
+
+def prepare_model(
+    model: nn.Module,
+    parallelism: str | None,
+    device: torch.device,
+    *,
+    fsdp_units: Callable[[nn.Module], bool] | tuple[type, ...] | None,
+    parallel_kwargs: Mapping[str, Any],
+    optimizer_given: bool,
+) -> tuple[nn.Module, str | None]:
+    """`model` on `device`, wrapped as `parallelism` resolves here (see
+    `resolve_parallelism`); returns it and what it was wrapped in (None, "ddp", "fsdp")."""
+    parallel = resolve_parallelism(parallelism, model)
+    if parallel == "fsdp" and optimizer_given:
+        raise TypeError(
+            "parallelism='fsdp' replaces the model's parameters with sharded ones, so a ready "
+            "optimizer= would update the old ones: override build_optimizer() (or use "
+            "optimizer_cfg in a config) so that the trainer builds it after sharding"
+        )
+    model = model.to(device)
+    if parallel is not None:
+        model = wrap_model(model, parallel, device, fsdp_units=fsdp_units, parallel_kwargs=parallel_kwargs)
+    return model, parallel
+
+
 def wrap_model(
     model: nn.Module,
     parallelism: str,
@@ -302,12 +336,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks. SUM then divide, because ReduceOp.AVG exists only on NCCL."""
-    world = get_world_size()
-    return all_reduce_sum(tensor) / world if world > 1 else tensor
 
 
 def agree_max(value: int) -> int:

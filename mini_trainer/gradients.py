@@ -4,14 +4,13 @@ gradients that stay non-finite."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from . import distributed
 
-__all__ = ["NonFiniteGradientError", "OptimizedParams", "clip_and_measure", "finish_accumulation", "grads_are_finite"]
+__all__ = ["NonFiniteGradientError", "OptimizedParams", "clip_and_measure", "finish_accumulation",
+           "finite_on_all_ranks"]
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -69,9 +68,8 @@ def clip_and_measure(params: list[torch.Tensor], max_norm: float | None, device:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def grads_are_finite(grad_norm: torch.Tensor, ranks_agree: bool) -> bool:
-    """The one host read of a step: the norm is NaN/inf exactly when some gradient is. Ranks
-    whose gradients no wrapper synchronised can disagree; then all retry together, or one
-    would wait forever in the others' next all-reduce."""
-    finite = math.isfinite(grad_norm)
+def finite_on_all_ranks(finite: bool, ranks_agree: bool) -> bool:
+    """Whether every rank found its gradients finite. Ranks whose gradients no wrapper
+    synchronised can disagree; then all retry together, or one would wait forever in the
+    others' next all-reduce."""
     return finite if ranks_agree else not distributed.agree_max(int(not finite))

@@ -21,6 +21,7 @@ import torch
 from .utils import flatten_dict, map_nested_tensor, unflatten_dict
 
 __all__ = [
+    "ForwardOutput",
     "LATEST_KEYS",
     "RESERVED_NAMES",
     "STEP_KEYS",
@@ -219,6 +220,9 @@ def _round_float(value: float) -> float:
     # float64 averaging of float32 inputs: trim the last bits so 0.55 prints as 0.55.
     return float(f"{value:.12g}") if math.isfinite(value) else value
 
+
+#: What `BaseTrainer.forward` returns: a scalar loss (or None) and a dict of records.
+ForwardOutput = tuple["torch.Tensor | None", Mapping[str, Any]]
 
 #: step_info entries averaged over an interval (others are ignored).
 STEP_KEYS = ("loss", "grad_norm", "data_time", "step_time", "retries")

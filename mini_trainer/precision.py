@@ -27,8 +27,9 @@ from .utils import check_choice
 __all__ = [
     "PRECISIONS",
     "autocast_factory",
-    "choose_grad_scaler",
+    "grad_scaler_for",
     "default_grad_scaler",
+    "enabled_scaler",
     "resolve_device",
     "resolve_precision",
     "scaler_found_inf",
@@ -68,7 +69,7 @@ def default_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torc
     return torch.amp.GradScaler(device.type)
 
 
-def choose_grad_scaler(device: torch.device, dtype: torch.dtype | None, parallel: str | None) -> torch.amp.GradScaler | None:
+def grad_scaler_for(device: torch.device, dtype: torch.dtype | None, parallel: str | None) -> torch.amp.GradScaler | None:
     """The GradScaler a run needs: None unless fp16; with FSDP2 a ShardedGradScaler, since
     each rank holds a shard of the gradients and an overflow found on one shard must skip
     the step on every rank (it all-reduces the flag)."""
@@ -77,6 +78,11 @@ def choose_grad_scaler(device: torch.device, dtype: torch.dtype | None, parallel
 
         return ShardedGradScaler(device.type)
     return default_grad_scaler(device, dtype)
+
+
+def enabled_scaler(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
+    """`scaler` when it will scale (a disabled GradScaler is as good as none), else None."""
+    return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:

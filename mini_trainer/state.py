@@ -215,12 +215,12 @@ def set_model_and_optimizer_state(
 
 
 def training_state(
-    *,
     step: int,
     cursor: DataCursor,
     world: int,
     model_state: dict,
     optimizer_state: dict,
+    *,
     lr_scheduler: Any,
     grad_scaler: Any,
 ) -> dict[str, Any]:

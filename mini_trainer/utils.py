@@ -152,6 +152,21 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def in_workspace(workspace: Path | None, path: str | os.PathLike) -> Path:
+    """`path` as a run file: a relative path is taken inside `workspace` (without one: the
+    current directory), an absolute path as it is."""
+    path = Path(path)
+    return workspace / path if workspace is not None and not path.is_absolute() else path
+
+
+def create_directory(name: str, path: Path) -> None:
+    """`path` and its parents, or an OSError naming the argument `name` and why."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, f"{name} {str(path)!r} cannot be created: {err.strerror or err}") from None
+
+
 def check_directory_path(name: str, path: str | os.PathLike) -> None:
     """Raise ValueError, naming `name`, unless `path` can be a directory: no NUL byte, names
     and the whole path within the filesystem's limits, and no existing file in the way

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mini_trainer import CheckpointingHook
+from mini_trainer import BaseHook, CheckpointingHook
 from mini_trainer.data import tensor_loader
 from mini_trainer.strategies import (
     LeastSquaresPredictor,
@@ -319,14 +319,14 @@ def test_ternary_accumulation_frees_float_gradients_between_micro_steps():
 
 
 def test_skip_forward_reports_no_loss_on_predict_steps():
-    trainer = Classifier(max_steps=12, device="cpu", seed=0, warmup_steps=2, full_steps=2, predict_steps=4, correct_every=9, skip_forward=True)
     losses = []
 
-    def watch(t):
-        losses.append(t.step_info["loss"])
+    class Watch(BaseHook):
+        def on_after_step(self, t):
+            losses.append(t.step_info["loss"])
 
-    trainer.build()
-    trainer._hooks_for["on_after_step"].append(watch)
+    trainer = Classifier(max_steps=12, device="cpu", seed=0, warmup_steps=2, full_steps=2, predict_steps=4, correct_every=9,
+                         skip_forward=True, hooks=[Watch()])
     trainer.train()
     assert [loss is None for loss in losses] == [False] * 4 + [True] * 4 + [False] * 2 + [True] * 2
 

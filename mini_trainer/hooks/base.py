@@ -150,6 +150,12 @@ class HookDispatcher:
         """Call `event` on every hook even when one raises (see `call_each`)."""
         return call_each(self._methods[event], trainer, *args, logger=logger, return_first=return_first)
 
+    def after_train(self, trainer: BaseTrainer, logger: logging.Logger) -> None:
+        """`on_after_train` on every hook, also after one failed; the first failure is raised."""
+        error = self.call_each("on_after_train", trainer, logger=logger)
+        if error is not None:
+            raise error
+
     @contextlib.contextmanager
     def added(self, event: str, function: Callable[..., Any]) -> Iterator[None]:
         """Call `function(trainer, *args)` on `event`, after the hooks, inside the block."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import checkpoint, distributed
 from ..builder import REGISTRY
-from ..utils import check_int, check_number
+from ..utils import check_int, check_number, in_workspace
 from .base import BaseHook
 
 if TYPE_CHECKING:
@@ -297,9 +297,7 @@ class CheckpointingHook(BaseHook):
     # ------------------------------------------------------------------ resuming
 
     def _resolve(self, trainer: BaseTrainer) -> Path:
-        if not self.path.is_absolute() and trainer.workspace is not None:
-            return trainer.workspace / self.path
-        return self.path
+        return in_workspace(trainer.workspace, self.path)
 
     def _resume(self, trainer: BaseTrainer) -> None:
         """Rank 0 chooses what to resume from (verifying it) and tells the others, so that

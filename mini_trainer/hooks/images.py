@@ -15,7 +15,7 @@ from ..builder import REGISTRY
 from ..checkpoint import write_file
 from ..distributed import is_main_process
 from ..images import as_image_list, is_image_batch
-from ..utils import check_int
+from ..utils import check_int, in_workspace
 from .base import BaseHook
 
 if TYPE_CHECKING:
@@ -68,9 +68,7 @@ class ImageFileLoggerHook(BaseHook):
 
     def directory(self, trainer: BaseTrainer) -> Path:
         """Where this hook writes (the step directories are inside)."""
-        if not self.path.is_absolute() and trainer.workspace is not None:
-            return trainer.workspace / self.path
-        return self.path
+        return in_workspace(trainer.workspace, self.path)
 
     def on_log_images(self, trainer: BaseTrainer, records: Mapping[str, Any], dry_run: bool = False) -> None:
         # Names are checked at every call, so a bad one fails at the first call, not at the

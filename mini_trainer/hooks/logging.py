@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..builder import REGISTRY
 from ..distributed import is_main_process
 from ..plain import json_safe
-from ..utils import check_int
+from ..utils import check_int, in_workspace
 from .base import BaseHook
 from ..metrics import StepMetrics
 
@@ -65,7 +65,9 @@ class LoggingHook(BaseHook):
 
     def metrics_path(self, trainer: BaseTrainer) -> Path | None:
         """Where this hook appends logged records (None: not written)."""
-        return trainer.workspace / "metrics.jsonl" if (self.jsonl and trainer.workspace is not None) else None
+        if not self.jsonl or trainer.workspace is None:
+            return None  # without a workspace nothing is written (not even in the current directory)
+        return in_workspace(trainer.workspace, "metrics.jsonl")
 
     def on_log(self, trainer: BaseTrainer, records: Mapping[str, Any], dry_run: bool = False) -> None:
         path = self.metrics_path(trainer)

@@ -43,6 +43,11 @@ class TrainerEvents:
     def __init__(self, events: Iterator[dict[str, Any]]) -> None:
         self._events = events
 
+    @classmethod
+    def of_run(cls, run: Iterator[None], trainer: Any) -> TrainerEvents:
+        """The events of `run`, a generator that pauses after each of `trainer`'s steps."""
+        return cls(_step_events(run, trainer))
+
     def __iter__(self) -> TrainerEvents:
         return self
 
@@ -67,6 +72,22 @@ class TrainerEvents:
         except BaseException as raised:
             if raised is not exc:
                 raise
+
+
+def _step_events(run: Iterator[None], trainer: Any) -> Iterator[dict[str, Any]]:
+    model = None
+    try:
+        for _ in run:
+            if model is None:  # built by now
+                model = trainer.unwrapped_model
+            try:
+                yield Event(trainer.step_info, step=trainer.step, epoch=trainer.epoch, model=model, trainer=trainer)
+            except GeneratorExit:
+                raise
+            except BaseException as error:  # raised in the consumer: the run ends with it
+                run.throw(error)
+    finally:
+        run.close()  # a stopped consumer: on_after_train runs now, not at garbage collection
 
 
 class _Stage:
