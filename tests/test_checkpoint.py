@@ -14,10 +14,10 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from helpers import make_trainer, regression_batches
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from helpers import make_trainer, regression_batches
 from mini_trainer import checkpoint
 from mini_trainer.checkpoint import CheckpointError
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import unwritable_directory
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_trainer, regression_batches
 from torch import nn
 
+from helpers import make_trainer, regression_batches
 from mini_trainer import CheckpointingHook, checkpoint
 from mini_trainer.checkpoint import CheckpointError
 

@@ -6,8 +6,8 @@ import io
 
 import pytest
 import torch
-from helpers import make_trainer, regression_batches
 
+from helpers import make_trainer, regression_batches
 from mini_trainer import BaseHook, LoggingHook, ProgressHook
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

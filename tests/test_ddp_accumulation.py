@@ -15,7 +15,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import flat_params, make_model, mse_forward, regression_batches  # noqa: E402
-
 from mini_trainer import BaseTrainer  # noqa: E402
 
 STEPS = 3

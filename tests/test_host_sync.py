@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_trainer, regression_batches
 
 import mini_trainer
+from helpers import make_trainer, regression_batches
 from mini_trainer import BaseHook, LoggingHook, ProgressHook
 
 PACKAGE = str(Path(mini_trainer.__file__).parent)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_trainer, regression_batches, unwritable_directory
 
+from helpers import make_trainer, regression_batches, unwritable_directory
 from mini_trainer import BaseHook, BaseTrainer, CheckpointingHook, LoggingHook
 from mini_trainer.checkpoint import CheckpointDirectoryError, DirectoryLock
 

@@ -13,10 +13,10 @@ import sys
 
 import pytest
 import torch
-from helpers import flat_params, make_trainer, regression_batches
 from torch import nn
 
 import mini_trainer.stream as stream
+from helpers import flat_params, make_trainer, regression_batches
 from mini_trainer import BaseHook, CheckpointingHook, LoggingHook
 from mini_trainer.stream import (
     BestModel,

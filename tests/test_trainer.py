@@ -12,7 +12,6 @@ from torch import nn
 from helpers import flat_params, make_model, make_trainer, mse_forward, regression_batches
 from mini_trainer import BaseHook, BaseTrainer, NonFiniteGradientError
 
-
 # ----------------------------------------------------------------------------- accumulation
 
 
