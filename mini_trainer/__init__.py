@@ -3,6 +3,7 @@
 Subclass `BaseTrainer` (or pass ready objects to it), add hooks, train. See README.md.
 """
 
+from . import checkpoint, data, datasets, models, schedules, strategies, stream  # noqa: F401  (register their builders)
 from .builder import REGISTRY, Registry, build_from_cfg
 from .classification import ClassificationTrainer
 from .config import load_config
@@ -18,7 +19,6 @@ from .hooks import (
 )
 from .trainer import BaseTrainer, NonFiniteGradientError
 from .utils import key_average, map_nested_tensor, unwrap
-from . import checkpoint, data, datasets, models, schedules, strategies, stream  # noqa: F401  (register their builders)
 
 __version__ = "0.1.0"
 

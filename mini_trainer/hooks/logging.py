@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..builder import REGISTRY
 from ..distributed import is_main_process
+from ..metrics import StepMetrics
 from ..plain import json_safe
 from ..utils import check_int, in_workspace
 from .base import BaseHook
-from ..metrics import StepMetrics
 
 if TYPE_CHECKING:
     from ..trainer import BaseTrainer

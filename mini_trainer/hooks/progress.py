@@ -20,9 +20,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ..builder import REGISTRY
 from ..distributed import is_main_process
+from ..metrics import RESERVED_NAMES, StepMetrics
 from ..utils import check_int, flatten_dict
 from .base import BaseHook
-from ..metrics import RESERVED_NAMES, StepMetrics
 
 if TYPE_CHECKING:
     from ..trainer import BaseTrainer

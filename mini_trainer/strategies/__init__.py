@@ -16,7 +16,14 @@ from .phase import (
     PhaseTrainer,
 )
 from .spela import SpelaConfig, SpelaNet, SpelaTrainer
-from .surprise_repair import GeneratorProvider, HardestK, LossStdConfig, LossStdTrigger, ReplayBuffer, SurpriseRepairTrainer
+from .surprise_repair import (
+    GeneratorProvider,
+    HardestK,
+    LossStdConfig,
+    LossStdTrigger,
+    ReplayBuffer,
+    SurpriseRepairTrainer,
+)
 
 __all__ = [
     "SpelaConfig",
