@@ -193,7 +193,7 @@ def _to_host_floats(values: list[Any], sync: bool) -> list[float]:
             everything[at] = tensors.to(everything.device)
         return distributed.all_reduce_sum(everything).tolist()
     if tensors is not None:
-        for i, value in zip(at, tensors.tolist()):
+        for i, value in zip(at, tensors.tolist(), strict=True):
             floats[i] = value
     return floats
 

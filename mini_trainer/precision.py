@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import ContextManager
 
 import torch
 
@@ -50,13 +49,13 @@ def resolve_precision(mixed_precision: str | None, device: torch.device) -> torc
     return _DTYPES.get(mixed_precision) if mixed_precision else None
 
 
-def autocast_factory(device: torch.device, dtype: torch.dtype | None) -> Callable[[], ContextManager]:
+def autocast_factory(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
     """A zero-argument callable returning the autocast context to wrap `forward` in."""
     if dtype is None:
         return contextlib.nullcontext
     device_type = device.type
 
-    def autocast() -> ContextManager:
+    def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device_type=device_type, dtype=dtype)
 
     return autocast

@@ -133,7 +133,7 @@ def _check_optimizer_state(saved: Any, model: nn.Module, optimizer: torch.optim.
     if len(groups) != len(live_groups):
         raise CheckpointError(f"the optimizer state has {len(groups)} parameter group(s), the optimizer {len(live_groups)}")
     params = [p for group in live_groups for p in group["params"]]
-    for i, (group, live_group) in enumerate(zip(groups, live_groups)):
+    for i, (group, live_group) in enumerate(zip(groups, live_groups, strict=True)):
         if not isinstance(group, Mapping) or not isinstance(group.get("params"), list) or len(group["params"]) != len(live_group["params"]):
             count = len(group["params"]) if isinstance(group, Mapping) and isinstance(group.get("params"), list) else "no"
             raise CheckpointError(f"optimizer param_groups[{i}] has {count} parameters, the optimizer's {len(live_group['params'])}")

@@ -96,7 +96,7 @@ def hash_tree(directory: Path, pool: concurrent.futures.Executor, fsync: bool) -
     futures = {p.relative_to(directory).as_posix(): pool.submit(hash_file, p, fsync, False) for p in paths}
     if fsync:
         fsync_dir(directory)
-    return {rel: dict(zip(("sha256", "bytes"), f.result())) for rel, f in futures.items()}
+    return {rel: dict(zip(("sha256", "bytes"), f.result(), strict=True)) for rel, f in futures.items()}
 
 
 def verify_tree(directory: Path, listing: Mapping[str, Any], pool: concurrent.futures.Executor | None) -> None:

@@ -87,7 +87,7 @@ class EmaHook(BaseHook):
         if self.ema_model is None:
             raise RuntimeError("EmaHook.update before the EMA copy exists: train with the hook, or call on_before_train(trainer)")
         averaged, current, copied, copied_from = [], [], [], []
-        for ema_tensor, tensor in zip(_tensors(self.ema_model), _tensors(model)):
+        for ema_tensor, tensor in zip(_tensors(self.ema_model), _tensors(model), strict=False):
             if ema_tensor.is_floating_point():
                 averaged.append(ema_tensor)
                 current.append(tensor)
@@ -100,7 +100,7 @@ class EmaHook(BaseHook):
             current = [t.to(self.device) for t in current]
             copied_from = [t.to(self.device) for t in copied_from]
         if averaged:
-            torch._foreach_lerp_(averaged, [t.to(a.dtype) for a, t in zip(averaged, current)], 1.0 - self.decay)
+            torch._foreach_lerp_(averaged, [t.to(a.dtype) for a, t in zip(averaged, current, strict=True)], 1.0 - self.decay)
         if copied:
             torch._foreach_copy_(copied, copied_from)
         self.updates += 1
