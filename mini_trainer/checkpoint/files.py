@@ -111,7 +111,9 @@ def verify_tree(directory: Path, listing: Mapping[str, Any], pool: concurrent.fu
     present = {entry.name for entry in os.scandir(directory)}
     unlisted = sorted(present - set(listing))
     if unlisted:
-        raise CheckpointError(f"{directory} holds files the manifest does not list: {', '.join(map(repr, unlisted[:5]))}")
+        raise CheckpointError(
+            f"{directory} holds files the manifest does not list: {', '.join(map(repr, unlisted[:5]))}"
+        )
     checks = {}
     for name, info in listing.items():
         if not is_plain_name(name):
@@ -125,7 +127,9 @@ def verify_tree(directory: Path, listing: Mapping[str, Any], pool: concurrent.fu
     for name, (info, future) in checks.items():
         digest, size = future.result()
         if size != info["bytes"] or digest != info["sha256"]:
-            raise CheckpointError(f"{directory / name} does not match its sha256 in the manifest (damaged or truncated)")
+            raise CheckpointError(
+                f"{directory / name} does not match its sha256 in the manifest (damaged or truncated)"
+            )
 
 
 def check_listed_file(path: Path, info: Any) -> None:

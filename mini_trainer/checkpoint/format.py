@@ -52,7 +52,10 @@ def split_state(
     None, dtypes, devices and numpy arrays/scalars are kept exactly; anything else is an
     error naming its path, since the alternative would be pickling it.
     """
-    routes = sorted(((tuple(prefix.split(".")), name) for prefix, name in {**DEFAULT_FILES, **(files or {})}.items()), key=lambda r: -len(r[0]))
+    routes = sorted(
+        ((tuple(prefix.split(".")), name) for prefix, name in {**DEFAULT_FILES, **(files or {})}.items()),
+        key=lambda r: -len(r[0]),
+    )
     tensors: dict[str, dict[str, torch.Tensor]] = {}
 
     def store(tensor: torch.Tensor, path: tuple[str, ...]) -> dict[str, Any]:
@@ -129,8 +132,13 @@ def join_state(skeleton: Any, tensors: Mapping[str, Mapping[str, torch.Tensor]])
         return found
 
     def numpy_scalar(body: Any, path: list[str]) -> Any:
-        if not (isinstance(body, list) and len(body) == 2 and isinstance(body[0], str) and _NUMPY_SCALAR.match(body[0])):
-            raise fail(path, f"$numpy tag {str(body)[:80]!r}: only bool, int and float scalars of at most 8 bytes are allowed")
+        if not (
+            isinstance(body, list) and len(body) == 2 and isinstance(body[0], str) and _NUMPY_SCALAR.match(body[0])
+        ):
+            raise fail(
+                path,
+                f"$numpy tag {str(body)[:80]!r}: only bool, int and float scalars of at most 8 bytes are allowed",
+            )
         import numpy
 
         try:
@@ -208,5 +216,7 @@ def join_state(skeleton: Any, tensors: Mapping[str, Mapping[str, torch.Tensor]])
     unused = [(file, key) for file, bucket in tensors.items() for key in bucket if (file, key) not in used]
     if unused:
         file, key = unused[0]
-        raise CheckpointError(f"{file} holds {len(unused)} tensor(s) that the manifest does not refer to (e.g. {key!r})")
+        raise CheckpointError(
+            f"{file} holds {len(unused)} tensor(s) that the manifest does not refer to (e.g. {key!r})"
+        )
     return state

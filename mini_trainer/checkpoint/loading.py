@@ -90,14 +90,18 @@ def read_checkpoint(
     else:
         found = latest_checkpoint(path, sharded=sharded, check=check)
         if found is None:
-            raise CheckpointError(f"no checkpoint at {str(path)!r}: no manifest.json and no valid step_* directory inside")
+            raise CheckpointError(
+                f"no checkpoint at {str(path)!r}: no manifest.json and no valid step_* directory inside"
+            )
         return found
     if check is not None:
         _check(loaded, check)
     return loaded
 
 
-def find_latest(root: str | os.PathLike, *, sharded: bool = False, check: StateCheck | None = None) -> tuple[Path, dict[str, Any]] | None:
+def find_latest(
+    root: str | os.PathLike, *, sharded: bool = False, check: StateCheck | None = None
+) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in `root` that loads, verifies and passes `check`, as
     `(directory, state)`; damaged newer ones are reported with a warning and skipped.
     None when `root` holds no checkpoint; CheckpointError when it holds some but none is
@@ -106,7 +110,9 @@ def find_latest(root: str | os.PathLike, *, sharded: bool = False, check: StateC
     return None if found is None else (found.path, found.state)
 
 
-def latest_checkpoint(root: str | os.PathLike, *, sharded: bool = False, check: StateCheck | None = None) -> LoadedCheckpoint | None:
+def latest_checkpoint(
+    root: str | os.PathLike, *, sharded: bool = False, check: StateCheck | None = None
+) -> LoadedCheckpoint | None:
     """`find_latest`, returning a `LoadedCheckpoint`."""
     root = Path(root)
     candidates = [directory for _, directory in reversed(list_checkpoints(root))]
@@ -124,7 +130,9 @@ def latest_checkpoint(root: str | os.PathLike, *, sharded: bool = False, check: 
             skipped[directory.name] = str(err)
             continue
         if skipped:
-            logger.warning("resuming from %s instead of the newer unusable checkpoint(s) %s", directory, ", ".join(skipped))
+            logger.warning(
+                "resuming from %s instead of the newer unusable checkpoint(s) %s", directory, ", ".join(skipped)
+            )
         return loaded
     if skipped:
         raise CheckpointError(
@@ -146,7 +154,9 @@ def _read_latest(root: Path) -> Path | None:
     latest = root / LATEST
     try:
         if stat.S_ISLNK(os.lstat(latest).st_mode):
-            logger.warning("ignoring %s: it is a symbolic link (to %r), not the file a save writes", latest, os.readlink(latest))
+            logger.warning(
+                "ignoring %s: it is a symbolic link (to %r), not the file a save writes", latest, os.readlink(latest)
+            )
             return None
         with os.fdopen(open_regular_file(latest, follow_symlinks=False), "rb") as f:
             name = f.read(256).decode("utf-8").strip()
@@ -174,7 +184,9 @@ def _load_directory_unchecked(directory: Path, sharded: bool, verify_directories
     files = manifest["files"]
     for file, info in files.items():
         if not is_plain_name(file) or file.startswith(".") or not isinstance(info, Mapping):
-            raise CheckpointError(f"{directory}: {MANIFEST} names a file outside the checkpoint, or malformed: {str(file)[:100]!r}")
+            raise CheckpointError(
+                f"{directory}: {MANIFEST} names a file outside the checkpoint, or malformed: {str(file)[:100]!r}"
+            )
     sharded_files = _sharded_listing(directory, manifest, sharded)
     with concurrent.futures.ThreadPoolExecutor(max(len(files), 1)) as pool:
         if sharded_files is not None:  # names, sizes, no links (and hashes): before any file is read
@@ -188,7 +200,9 @@ def _load_directory_unchecked(directory: Path, sharded: bool, verify_directories
     if not isinstance(state, dict) or state.get("step") != manifest["step"]:
         raise CheckpointError(f"{directory}: the state's step does not match the manifest's ({manifest['step']})")
     if bool(state.get("sharded")) != (sharded_files is not None):
-        raise CheckpointError(f"{directory}: the state and the manifest disagree on whether it has a {SHARDED_DIR}/ directory")
+        raise CheckpointError(
+            f"{directory}: the state and the manifest disagree on whether it has a {SHARDED_DIR}/ directory"
+        )
     return LoadedCheckpoint(directory, state, sharded_files)
 
 
@@ -212,7 +226,10 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     if manifest.get("checksum") != manifest_checksum(manifest):
         raise CheckpointError(f"{path} does not match its checksum (the file is damaged)")
     if manifest.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{directory}: checkpoint format version {manifest.get('version')!r}; this mini_trainer reads version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{directory}: checkpoint format version {manifest.get('version')!r}; "
+            f"this mini_trainer reads version {FORMAT_VERSION}"
+        )
     for counter in ("step", "epoch"):
         value = manifest.get(counter)
         if not is_count(value) and not (counter == "epoch" and value is None):
@@ -229,7 +246,10 @@ def _sharded_listing(directory: Path, manifest: Mapping[str, Any], sharded: bool
     directories = manifest.get("directories") or {}
     unknown = sorted(set(directories) - {SHARDED_DIR})
     if unknown:
-        raise CheckpointError(f"{directory}: {MANIFEST} lists directories this library never writes: {', '.join(map(repr, unknown[:5]))}")
+        raise CheckpointError(
+            f"{directory}: {MANIFEST} lists directories this library never writes: "
+            f"{', '.join(map(repr, unknown[:5]))}"
+        )
     if SHARDED_DIR not in directories:
         return None
     if not sharded:
@@ -245,7 +265,8 @@ def _load_torch_file(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure means: we will not load this
         raise CheckpointError(
-            f"{path}: refused to load with torch.load(weights_only=True): {str(err).splitlines()[0] if str(err) else type(err).__name__} "
+            f"{path}: refused to load with torch.load(weights_only=True): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__} "
             "(files that need arbitrary unpickling are never loaded: they could run code)"
         ) from None
     if not isinstance(state, dict):

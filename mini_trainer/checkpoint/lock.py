@@ -86,7 +86,9 @@ class DirectoryLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as err:
-            raise CheckpointDirectoryError(err.errno, f"cannot create the lock file {str(path)!r}: {err.strerror or err}") from None
+            raise CheckpointDirectoryError(
+                err.errno, f"cannot create the lock file {str(path)!r}: {err.strerror or err}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -99,7 +101,9 @@ class DirectoryLock:
             ) from None
         except OSError as err:  # a filesystem without flock (some network mounts)
             os.close(fd)
-            logger.warning("cannot lock %s (%s): a second run in this directory would not be detected", path, err.strerror or err)
+            logger.warning(
+                "cannot lock %s (%s): a second run in this directory would not be detected", path, err.strerror or err
+            )
             return
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
         os.ftruncate(fd, 0)

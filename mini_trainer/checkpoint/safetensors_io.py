@@ -48,7 +48,11 @@ _DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(
-    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, fsync: bool = True
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    fsync: bool = True,
 ) -> tuple[str, int]:
     """Write `tensors` as a safetensors file and return `(sha256 hex, size in bytes)`.
 
@@ -64,7 +68,9 @@ def write_safetensors(
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"write_safetensors: {key!r} is a {type(value).__name__}, not a tensor")
         if value.dtype not in SAFETENSORS_DTYPES:
-            raise TypeError(f"write_safetensors: tensor {key!r} has dtype {value.dtype}, which safetensors cannot store")
+            raise TypeError(
+                f"write_safetensors: tensor {key!r} has dtype {value.dtype}, which safetensors cannot store"
+            )
         entries.append((key, value))
     entries.sort(key=lambda e: (-e[1].element_size(), e[0]))
 
@@ -74,7 +80,11 @@ def write_safetensors(
     offset = 0
     for key, value in entries:
         nbytes = value.numel() * value.element_size()
-        header[key] = {"dtype": SAFETENSORS_DTYPES[value.dtype], "shape": list(value.shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": SAFETENSORS_DTYPES[value.dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
@@ -114,7 +124,9 @@ def _write_all(f: Any, data: memoryview) -> None:
         data = data[written:]
 
 
-def read_safetensors(path: str | os.PathLike, sha256: str | None = None, *, follow_symlinks: bool = True) -> dict[str, torch.Tensor]:
+def read_safetensors(
+    path: str | os.PathLike, sha256: str | None = None, *, follow_symlinks: bool = True
+) -> dict[str, torch.Tensor]:
     """Read a safetensors file into memory (checking its sha256 when given) and return
     CPU tensors that are views of one buffer (no copy per tensor). Any malformed file is
     a CheckpointError naming the file and the fault. `follow_symlinks=False` refuses a
@@ -139,7 +151,9 @@ def read_safetensors(path: str | os.PathLike, sha256: str | None = None, *, foll
     if done != size:
         raise CheckpointError(f"{path}: the file shrank while it was read ({done} of {size} bytes)")
     if sha256 is not None and digest.hexdigest() != sha256:
-        raise CheckpointError(f"{path}: sha256 does not match the manifest (the file is damaged or was not completely written)")
+        raise CheckpointError(
+            f"{path}: sha256 does not match the manifest (the file is damaged or was not completely written)"
+        )
     return _parse_safetensors(path, buffer)
 
 
@@ -150,10 +164,15 @@ def _parse_safetensors(path: Path, buffer: torch.Tensor) -> dict[str, torch.Tens
     raw = buffer.numpy()
     header_len = int.from_bytes(raw[:8].tobytes(), "little")
     if header_len > min(size - 8, _MAX_HEADER):
-        raise CheckpointError(f"{path}: truncated or not safetensors (a header of {header_len} bytes in a file of {size})")
+        raise CheckpointError(
+            f"{path}: truncated or not safetensors (a header of {header_len} bytes in a file of {size})"
+        )
     header = _parse_header(path, raw[8 : 8 + header_len].tobytes())
     data_start = 8 + header_len
-    entries = sorted((_check_entry(path, key, info) for key, info in header.items() if key != "__metadata__"), key=lambda e: (e[3], e[4]))
+    entries = sorted(
+        (_check_entry(path, key, info) for key, info in header.items() if key != "__metadata__"),
+        key=lambda e: (e[3], e[4]),
+    )
     expected = 0  # the data must be indexed entirely: each tensor starts where the previous ended
     for key, _, _, begin, end in entries:
         if begin != expected:
@@ -186,7 +205,9 @@ def _parse_header(path: Path, text: bytes) -> dict[str, Any]:
     try:
         header = json.loads(text, object_pairs_hook=no_duplicates)
     except (ValueError, RecursionError) as err:
-        raise CheckpointError(f"{path}: unreadable safetensors header ({type(err).__name__}: {str(err)[:200]})") from None
+        raise CheckpointError(
+            f"{path}: unreadable safetensors header ({type(err).__name__}: {str(err)[:200]})"
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is a {type(header).__name__}, not a JSON object")
     metadata = header.get("__metadata__", {})
@@ -207,9 +228,17 @@ def _check_entry(path: Path, key: str, info: Any) -> tuple[str, torch.dtype, lis
     shape, offsets = info["shape"], info["data_offsets"]
     if not isinstance(shape, list) or not all(is_count(d) for d in shape):
         raise bad(f"shape {str(shape)[:200]} is not a list of sizes >= 0")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets) and offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(is_count(o) for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
         raise bad(f"data_offsets {str(offsets)[:200]} are not [begin, end] with 0 <= begin <= end")
     begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
-        raise bad(f"shape {shape} of {info['dtype']} needs {math.prod(shape) * dtype.itemsize} bytes, data_offsets give {end - begin}")
+        raise bad(
+            f"shape {shape} of {info['dtype']} needs {math.prod(shape) * dtype.itemsize} bytes, "
+            f"data_offsets give {end - begin}"
+        )
     return key, dtype, shape, begin, end

@@ -76,9 +76,14 @@ def check_dcp_metadata(directory: Path, listing: Mapping[str, Any], metadata_fil
     for index, info in storage.items():
         relative = getattr(info, "relative_path", None)
         if not isinstance(relative, str) or relative not in listing or relative.startswith("."):
-            raise CheckpointError(f"{directory}: DCP metadata points {index} at {relative!r}, which is not a listed shard file")
+            raise CheckpointError(
+                f"{directory}: DCP metadata points {index} at {relative!r}, which is not a listed shard file"
+            )
         if getattr(info, "transform_descriptors", None):
-            raise CheckpointError(f"{directory}: DCP metadata asks for stream transforms {info.transform_descriptors!r}; none are written here")
+            raise CheckpointError(
+                f"{directory}: DCP metadata asks for stream transforms {info.transform_descriptors!r}; "
+                "none are written here"
+            )
     return metadata
 
 
@@ -139,7 +144,9 @@ def load_sharded(shards: dict[str, Any], directory: Path, listing: Mapping[str, 
             raise CheckpointError(f"{directory}: refused to load: {str(refused[0]).splitlines()[0][:500]}") from None
         raise CheckpointError(f"{directory}: the shards do not load into this model: {_first_line(causes)}") from None
     except Exception as err:  # a mismatch between the shards and the model
-        raise CheckpointError(f"{directory}: the shards do not load into this model ({type(err).__name__}: {str(err)[:1000]})") from err
+        raise CheckpointError(
+            f"{directory}: the shards do not load into this model ({type(err).__name__}: {str(err)[:1000]})"
+        ) from err
 
 
 def _causes(err: Any) -> list[BaseException]:
@@ -164,7 +171,9 @@ def save_sharded(shards: dict[str, Any], directory: Path) -> None:
         causes = _causes(err)
         oserror = next((c for c in causes if isinstance(c, OSError)), None)
         if oserror is not None:
-            raise OSError(oserror.errno, f"{oserror.strerror or oserror} (while writing shards to {directory})") from None
+            raise OSError(
+                oserror.errno, f"{oserror.strerror or oserror} (while writing shards to {directory})"
+            ) from None
         raise CheckpointError(f"writing shards to {directory} failed: {_first_line(causes)}") from None
 
 

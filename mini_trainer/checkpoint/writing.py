@@ -55,7 +55,12 @@ class PreparedCheckpoint:
     of each file. Nothing in it refers back to the live state except the tensors."""
 
     def __init__(
-        self, skeleton: Any, tensors: dict[str, dict[str, torch.Tensor]], step: int, epoch: Any, directories: tuple[str, ...] = ()
+        self,
+        skeleton: Any,
+        tensors: dict[str, dict[str, torch.Tensor]],
+        step: int,
+        epoch: Any,
+        directories: tuple[str, ...] = (),
     ) -> None:
         self.skeleton = skeleton
         self.tensors = tensors
@@ -219,7 +224,9 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return [(step, entry) for step, _, entry in sorted(found)]
 
 
-def prune_checkpoints(root: str | os.PathLike, keep_last: int, keep_interval: int | None = None, protect: Iterable[Path] = ()) -> list[Path]:
+def prune_checkpoints(
+    root: str | os.PathLike, keep_last: int, keep_interval: int | None = None, protect: Iterable[Path] = ()
+) -> list[Path]:
     """Delete `step_*` checkpoints except the newest `keep_last`, those whose step is a
     multiple of `keep_interval`, and `protect`. Each is first renamed to a hidden name so
     a crash mid-delete never leaves a half-deleted directory that looks like a checkpoint.
