@@ -168,7 +168,11 @@ class HookDispatcher:
 
 
 def call_each(
-    methods: Sequence[Callable[..., Any]], trainer: BaseTrainer, *args: Any, logger: logging.Logger, return_first: bool = True
+    methods: Sequence[Callable[..., Any]],
+    trainer: BaseTrainer,
+    *args: Any,
+    logger: logging.Logger,
+    return_first: bool = True,
 ) -> BaseException | None:
     """Call every method, also after one raised. Returns the first error (the caller
     raises it) and logs the others with their tracebacks; `return_first=False` logs them
@@ -187,4 +191,8 @@ def call_each(
 
 def _qualname(method: Callable[..., Any]) -> str:
     owner = getattr(method, "__self__", None)
-    return f"{type(owner).__name__}.{method.__name__}" if owner is not None else getattr(method, "__qualname__", repr(method))
+    return (
+        f"{type(owner).__name__}.{method.__name__}"
+        if owner is not None
+        else getattr(method, "__qualname__", repr(method))
+    )

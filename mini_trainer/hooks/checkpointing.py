@@ -106,9 +106,16 @@ class CheckpointingHook(BaseHook):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"CheckpointingHook.path must be a str or Path; got {type(path).__name__} {path!r}")
         if load is not None and not isinstance(load, (str, os.PathLike)):
-            raise TypeError(f"CheckpointingHook.load must be 'latest', a path or None; got {type(load).__name__} {load!r}")
-        if isinstance(exit_signals, (int, str)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in exit_signals):
-            raise TypeError(f"CheckpointingHook.exit_signals must be a list of signal numbers (e.g. [signal.SIGTERM]); got {exit_signals!r}")
+            raise TypeError(
+                f"CheckpointingHook.load must be 'latest', a path or None; got {type(load).__name__} {load!r}"
+            )
+        if isinstance(exit_signals, (int, str)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in exit_signals
+        ):
+            raise TypeError(
+                "CheckpointingHook.exit_signals must be a list of signal numbers (e.g. [signal.SIGTERM]); "
+                f"got {exit_signals!r}"
+            )
         valid = set(signal.valid_signals())
         for signum in exit_signals:
             if signum not in valid or signum in (signal.SIGKILL, getattr(signal, "SIGSTOP", -1)):
@@ -116,8 +123,15 @@ class CheckpointingHook(BaseHook):
         if exit_code != _EXIT_CODE_FROM_SIGNAL:
             check_int("CheckpointingHook.exit_code", exit_code, minimum=0)
             if exit_code > 255:
-                raise ValueError(f"CheckpointingHook.exit_code must be '128+signal' or an integer in 0..255; got {exit_code!r}")
-        for flag, value in (("save_at_end", save_at_end), ("fsync", fsync), ("async_save", async_save), ("sharded", sharded)):
+                raise ValueError(
+                    f"CheckpointingHook.exit_code must be '128+signal' or an integer in 0..255; got {exit_code!r}"
+                )
+        for flag, value in (
+            ("save_at_end", save_at_end),
+            ("fsync", fsync),
+            ("async_save", async_save),
+            ("sharded", sharded),
+        ):
             if not isinstance(value, bool):
                 raise TypeError(f"CheckpointingHook.{flag} must be True or False; got {type(value).__name__} {value!r}")
         if async_save and sharded:
@@ -273,7 +287,9 @@ class CheckpointingHook(BaseHook):
         pending, self._pending = self._pending, None
         return pending.result() if pending is not None else None
 
-    def _write(self, prepared: checkpoint.PreparedCheckpoint, directory: Path, started: float, temporary: Path | None = None) -> Path:
+    def _write(
+        self, prepared: checkpoint.PreparedCheckpoint, directory: Path, started: float, temporary: Path | None = None
+    ) -> Path:
         if not self._cleaned:
             checkpoint.remove_temporaries(directory, keep=temporary)  # what a killed run left behind
             self._cleaned = True
@@ -290,7 +306,10 @@ class CheckpointingHook(BaseHook):
         for hook in trainer.hooks:
             for prefix, name in (getattr(hook, "checkpoint_files", None) or {}).items():
                 if name in files.values() or name in (checkpoint.MODEL_FILE, checkpoint.DEFAULT_FILE):
-                    raise ValueError(f"two hooks want their tensors in {name}: give them different names (e.g. EmaHook(name=...))")
+                    raise ValueError(
+                        f"two hooks want their tensors in {name}: "
+                        "give them different names (e.g. EmaHook(name=...))"
+                    )
                 files[prefix] = name
         return files
 
@@ -324,7 +343,11 @@ class CheckpointingHook(BaseHook):
         # Every rank but 0 reads it now (rank 0 has, and hashed the DCP shard files too);
         # all agree, so that one failing read does not leave the others waiting.
         mine = loaded
-        loaded = _agreed(lambda: mine if mine is not None else checkpoint.read_checkpoint(source, sharded=self.sharded, verify_directories=False))
+        loaded = _agreed(
+            lambda: mine
+            if mine is not None
+            else checkpoint.read_checkpoint(source, sharded=self.sharded, verify_directories=False)
+        )
         state = loaded.state
         if kind == "own":
             self._last_saved_step = int(state["step"])
@@ -406,7 +429,13 @@ class CheckpointingHook(BaseHook):
         self.wait()
         code = 128 + signum if self.exit_code == _EXIT_CODE_FROM_SIGNAL else int(self.exit_code)
         name = signal.Signals(signum).name if signum in set(signal.valid_signals()) else str(signum)
-        logger.warning("%s received: saved %s at step %d; exiting with code %d", name, self.last_saved or "a checkpoint", trainer.step, code)
+        logger.warning(
+            "%s received: saved %s at step %d; exiting with code %d",
+            name,
+            self.last_saved or "a checkpoint",
+            trainer.step,
+            code,
+        )
         if not distributed.barrier(timeout=self.exit_wait):
             logger.warning("other ranks did not reach the exit within %.0fs; exiting anyway", self.exit_wait)
         trainer.should_stop = True

@@ -50,18 +50,29 @@ class EmaHook(BaseHook):
     # Update before the checkpointing hook saves this step (it runs at priority 100).
     priority = {"on_after_step": 50, "default": 0}
 
-    def __init__(self, decay: float = 0.9999, update_interval: int = 1, device: str | torch.device | None = None, name: str = "ema") -> None:
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        update_interval: int = 1,
+        device: str | torch.device | None = None,
+        name: str = "ema",
+    ) -> None:
         check_number("EmaHook.decay", decay)
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EmaHook.decay must be in [0, 1]; got {decay!r}")
         check_int("EmaHook.update_interval", update_interval, minimum=1)
         if not isinstance(name, str) or not name.isidentifier() or name in ("model", "optimizer", "manifest"):
-            raise ValueError(f"EmaHook.name must be a plain identifier such as 'ema', other than model/optimizer/manifest; got {name!r}")
+            raise ValueError(
+                "EmaHook.name must be a plain identifier such as 'ema', other than model/optimizer/manifest; "
+                f"got {name!r}"
+            )
         if device is not None:
             try:
                 device = torch.device(device)
             except (RuntimeError, TypeError) as err:
-                raise ValueError(f"EmaHook.device must be None or a device such as 'cpu' or 'cuda:0'; got {device!r} ({err})") from None
+                raise ValueError(
+                    f"EmaHook.device must be None or a device such as 'cpu' or 'cuda:0'; got {device!r} ({err})"
+                ) from None
         self.decay = float(decay)
         self.update_interval = update_interval
         self.device = device
@@ -85,7 +96,9 @@ class EmaHook(BaseHook):
     def update(self, model: nn.Module) -> None:
         """Move the average one step towards `model`'s current weights."""
         if self.ema_model is None:
-            raise RuntimeError("EmaHook.update before the EMA copy exists: train with the hook, or call on_before_train(trainer)")
+            raise RuntimeError(
+                "EmaHook.update before the EMA copy exists: train with the hook, or call on_before_train(trainer)"
+            )
         averaged, current, copied, copied_from = [], [], [], []
         for ema_tensor, tensor in zip(_tensors(self.ema_model), _tensors(model), strict=False):
             if ema_tensor.is_floating_point():
@@ -100,7 +113,9 @@ class EmaHook(BaseHook):
             current = [t.to(self.device) for t in current]
             copied_from = [t.to(self.device) for t in copied_from]
         if averaged:
-            torch._foreach_lerp_(averaged, [t.to(a.dtype) for a, t in zip(averaged, current, strict=True)], 1.0 - self.decay)
+            torch._foreach_lerp_(
+                averaged, [t.to(a.dtype) for a, t in zip(averaged, current, strict=True)], 1.0 - self.decay
+            )
         if copied:
             torch._foreach_copy_(copied, copied_from)
         self.updates += 1
@@ -108,7 +123,11 @@ class EmaHook(BaseHook):
     def on_state_dict(self, trainer: BaseTrainer, state_dict: dict[str, Any]) -> None:
         self._ensure_ema_model(trainer)
         assert self.ema_model is not None
-        state_dict["hooks"][self.name] = {"updates": self.updates, "decay": self.decay, "weights": self.ema_model.state_dict()}
+        state_dict["hooks"][self.name] = {
+            "updates": self.updates,
+            "decay": self.decay,
+            "weights": self.ema_model.state_dict(),
+        }
 
     def on_load_state_dict(self, trainer: BaseTrainer, state_dict: Mapping[str, Any]) -> None:
         # May run before on_before_train (the checkpointing hook resumes first): the copy is
@@ -117,7 +136,9 @@ class EmaHook(BaseHook):
         assert self.ema_model is not None
         saved = (state_dict.get("hooks") or {}).get(self.name)
         if saved is None:
-            logger.warning("EmaHook: the checkpoint has no %r state; the average restarts from the loaded weights", self.name)
+            logger.warning(
+                "EmaHook: the checkpoint has no %r state; the average restarts from the loaded weights", self.name
+            )
             self.ema_model.load_state_dict(trainer.unwrapped_model.state_dict())
             self.updates = 0
             return

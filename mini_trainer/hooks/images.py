@@ -52,7 +52,9 @@ class ImageFileLoggerHook(BaseHook):
     process never leaves a truncated image behind (a stray `.<name>.tmp-*` file at worst).
     """
 
-    def __init__(self, interval: int = 100, path: str | os.PathLike = "images", max_images: int = 8, format: str = "png") -> None:
+    def __init__(
+        self, interval: int = 100, path: str | os.PathLike = "images", max_images: int = 8, format: str = "png"
+    ) -> None:
         check_int("ImageFileLoggerHook.interval", interval, minimum=1)
         check_int("ImageFileLoggerHook.max_images", max_images, minimum=1)
         if not isinstance(path, (str, os.PathLike)):

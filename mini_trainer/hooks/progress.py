@@ -68,7 +68,9 @@ class ProgressHook(BaseHook):
     def on_before_train(self, trainer: BaseTrainer) -> None:
         self._metrics.reset()
         self._start_step = trainer.step
-        self._eta_anchor: tuple[int, float] | None = (trainer.step, time.perf_counter()) if self.eta_warmup == 0 else None
+        self._eta_anchor: tuple[int, float] | None = (
+            (trainer.step, time.perf_counter()) if self.eta_warmup == 0 else None
+        )
         self._out = self.file or sys.stdout
         self._tqdm = None
         use_bar = self.bar if self.bar is not None else _isatty(self._out)

@@ -96,11 +96,15 @@ class WandbHook(BaseHook):
     ) -> None:
         for arg, value in (("project", project), ("name", name)):
             if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise TypeError(f"WandbHook.{arg} must be a non-empty string or None; got {type(value).__name__} {value!r}")
+                raise TypeError(
+                    f"WandbHook.{arg} must be a non-empty string or None; got {type(value).__name__} {value!r}"
+                )
         if config is not None and not isinstance(config, Mapping):
             raise TypeError(f"WandbHook.config must be a dict or None; got {type(config).__name__} {config!r}")
         if not isinstance(resume_run, bool):
-            raise TypeError(f"WandbHook.resume_run must be True or False; got {type(resume_run).__name__} {resume_run!r}")
+            raise TypeError(
+                f"WandbHook.resume_run must be True or False; got {type(resume_run).__name__} {resume_run!r}"
+            )
         self.project = project
         self.name = name
         self.config = json_safe(config, non_finite_as_text=True) if config is not None else None
@@ -197,7 +201,11 @@ class WandbHook(BaseHook):
         kwargs: dict[str, Any] = {"project": self.project, "name": self.name, "config": self.config, "tags": self.tags}
         kwargs = {key: value for key, value in kwargs.items() if value is not None}
         kwargs.update(self.init_kwargs)
-        if not self._user_set(kwargs, "mode", "mode", "WANDB_MODE") and _default_mode_is_online() and not wandb_credentials_configured():
+        if (
+            not self._user_set(kwargs, "mode", "mode", "WANDB_MODE")
+            and _default_mode_is_online()
+            and not wandb_credentials_configured()
+        ):
             kwargs["mode"] = "offline"
         if trainer.workspace is not None and not self._user_set(kwargs, "dir", "root_dir", "WANDB_DIR"):
             trainer.workspace.mkdir(parents=True, exist_ok=True)
@@ -223,7 +231,9 @@ class WandbHook(BaseHook):
         if kwargs.get(keyword) is not None or os.environ.get(env):
             return True
         settings = kwargs.get("settings")
-        fields_set = getattr(settings, "model_fields_set", None) or (settings.keys() if isinstance(settings, Mapping) else ())
+        fields_set = getattr(settings, "model_fields_set", None) or (
+            settings.keys() if isinstance(settings, Mapping) else ()
+        )
         return setting in fields_set
 
     def _log(self, trainer: BaseTrainer, data: dict[str, Any]) -> None:
@@ -278,7 +288,10 @@ def wandb_credentials_configured() -> bool:
         return _netrc_has_key(os.environ.get("WANDB_BASE_URL") or _DEFAULT_HOST)
     try:
         host = wandb_setup.singleton().settings.base_url
-        return wbauth.authenticate_session(host=host, source="WandbHook", prompt=False, update_session=False) is not None
+        return (
+            wbauth.authenticate_session(host=host, source="WandbHook", prompt=False, update_session=False)
+            is not None
+        )
     except AuthenticationError:
         return True  # a key is there but malformed: let wandb.init say so rather than go offline silently
     except Exception:  # noqa: BLE001 - the internal API changed: check the netrc file ourselves
