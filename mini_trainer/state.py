@@ -45,7 +45,10 @@ def optimizer_state_by_name(state: Mapping[str, Any], names: Sequence[str]) -> M
 
     def name(index: int) -> str:
         if not 0 <= index < len(names) or not names[index]:
-            raise KeyError(f"the optimizer state refers to parameter #{index}, but the optimizer has {len(names)} named parameters")
+            raise KeyError(
+                f"the optimizer state refers to parameter #{index}, "
+                f"but the optimizer has {len(names)} named parameters"
+            )
         return names[index]
 
     return {
@@ -99,8 +102,14 @@ def check_training_state(
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise CheckpointError(f"state[{counter!r}] is {value!r}; it must be an integer >= {minimum}")
     ranks = state.get("ranks")
-    if ranks is not None and (not isinstance(ranks, list) or len(ranks) != state.get("world_size", 1) or not all(isinstance(r, Mapping) for r in ranks)):
-        raise CheckpointError(f"state['ranks'] must list one dict per process of the saved run ({state.get('world_size', 1)})")
+    if ranks is not None and (
+        not isinstance(ranks, list)
+        or len(ranks) != state.get("world_size", 1)
+        or not all(isinstance(r, Mapping) for r in ranks)
+    ):
+        raise CheckpointError(
+            f"state['ranks'] must list one dict per process of the saved run ({state.get('world_size', 1)})"
+        )
     if sharded:
         return
     _check_model_state(state["model"], model, strict)
@@ -114,7 +123,10 @@ def _check_model_state(saved: Any, model: nn.Module, strict: bool) -> None:
     missing = [k for k in live if k not in saved]
     unexpected = [k for k in saved if k not in live]
     if strict and (missing or unexpected):
-        parts = [f"missing {', '.join(map(repr, missing[:5]))}" if missing else "", f"unexpected {', '.join(map(repr, unexpected[:5]))}" if unexpected else ""]
+        parts = [
+            f"missing {', '.join(map(repr, missing[:5]))}" if missing else "",
+            f"unexpected {', '.join(map(repr, unexpected[:5]))}" if unexpected else "",
+        ]
         raise CheckpointError(f"the model state does not fit this model: {'; '.join(p for p in parts if p)}")
     for key, expected in live.items():
         if isinstance(expected, torch.Tensor) and key in saved:
@@ -122,7 +134,11 @@ def _check_model_state(saved: Any, model: nn.Module, strict: bool) -> None:
 
 
 def _check_optimizer_state(saved: Any, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    if not isinstance(saved, Mapping) or not isinstance(saved.get("state"), Mapping) or not isinstance(saved.get("param_groups"), list):
+    if (
+        not isinstance(saved, Mapping)
+        or not isinstance(saved.get("state"), Mapping)
+        or not isinstance(saved.get("param_groups"), list)
+    ):
         return  # another layout (e.g. flattened through your own state_dict_options): DCP's to check
     try:
         saved = optimizer_state_by_index(saved, optimized_param_names(model, optimizer))
@@ -131,16 +147,28 @@ def _check_optimizer_state(saved: Any, model: nn.Module, optimizer: torch.optim.
     groups = saved["param_groups"]
     live_groups = optimizer.param_groups
     if len(groups) != len(live_groups):
-        raise CheckpointError(f"the optimizer state has {len(groups)} parameter group(s), the optimizer {len(live_groups)}")
+        raise CheckpointError(
+            f"the optimizer state has {len(groups)} parameter group(s), the optimizer {len(live_groups)}"
+        )
     params = [p for group in live_groups for p in group["params"]]
     for i, (group, live_group) in enumerate(zip(groups, live_groups, strict=True)):
-        if not isinstance(group, Mapping) or not isinstance(group.get("params"), list) or len(group["params"]) != len(live_group["params"]):
-            count = len(group["params"]) if isinstance(group, Mapping) and isinstance(group.get("params"), list) else "no"
-            raise CheckpointError(f"optimizer param_groups[{i}] has {count} parameters, the optimizer's {len(live_group['params'])}")
+        if (
+            not isinstance(group, Mapping)
+            or not isinstance(group.get("params"), list)
+            or len(group["params"]) != len(live_group["params"])
+        ):
+            count = (
+                len(group["params"]) if isinstance(group, Mapping) and isinstance(group.get("params"), list) else "no"
+            )
+            raise CheckpointError(
+                f"optimizer param_groups[{i}] has {count} parameters, the optimizer's {len(live_group['params'])}"
+            )
     shaped_like_params = type(optimizer) in PARAMETER_SHAPED_STATE
     for index, entry in saved["state"].items():
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(params):
-            raise CheckpointError(f"the optimizer state refers to parameter #{index!r}; the optimizer has {len(params)}")
+            raise CheckpointError(
+                f"the optimizer state refers to parameter #{index!r}; the optimizer has {len(params)}"
+            )
         if not isinstance(entry, Mapping):
             raise CheckpointError(f"optimizer state[{index}] must be a dict; got {type(entry).__name__}")
         live_entry = optimizer.state.get(params[index], {})
@@ -156,9 +184,14 @@ def _check_optimizer_state(saved: Any, model: nn.Module, optimizer: torch.optim.
 
 def _check_tensor(key: str, saved: Any, expected: torch.Tensor) -> None:
     if not isinstance(saved, torch.Tensor):
-        raise CheckpointError(f"{key} is a {type(saved).__name__} in the checkpoint; the model has a tensor of shape {tuple(expected.shape)}")
+        raise CheckpointError(
+            f"{key} is a {type(saved).__name__} in the checkpoint; "
+            f"the model has a tensor of shape {tuple(expected.shape)}"
+        )
     if saved.shape != expected.shape:
-        raise CheckpointError(f"{key} has shape {tuple(saved.shape)} in the checkpoint, but {tuple(expected.shape)} here")
+        raise CheckpointError(
+            f"{key} has shape {tuple(saved.shape)} in the checkpoint, but {tuple(expected.shape)} here"
+        )
     if saved.is_floating_point() != expected.is_floating_point() or saved.is_complex() != expected.is_complex():
         raise CheckpointError(f"{key} is {saved.dtype} in the checkpoint, but {expected.dtype} here")
 
@@ -180,7 +213,9 @@ def state_dict_options(user_options: Any, model: nn.Module, sharded: bool) -> An
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def get_model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, options: Any) -> tuple[dict, dict]:
+def get_model_and_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, options: Any
+) -> tuple[dict, dict]:
     """`(model state, optimizer state)`: the unwrapped module's and the optimizer's own state
     dicts, or DCP's `get_state_dict` with `options` (see `state_dict_options`)."""
     if options is not None:
