@@ -15,7 +15,14 @@ from torch import nn
 from . import distributed
 from .utils import check_directory_path, check_int, check_number
 
-__all__ = ["STILL_RUNNING", "check_built", "check_optional_type", "check_run_arguments", "check_scheduler", "check_trainer_arguments"]
+__all__ = [
+    "STILL_RUNNING",
+    "check_built",
+    "check_optional_type",
+    "check_run_arguments",
+    "check_scheduler",
+    "check_trainer_arguments",
+]
 
 STILL_RUNNING = (
     "this trainer is still in a run: a stream from trainer.events() was left unfinished "
@@ -32,7 +39,8 @@ def check_trainer_arguments(args: Mapping[str, Any]) -> None:
     check_number("grad_clip", args["grad_clip"], positive=True, allow_none=True)
     check_int("max_non_finite_grad_retries", args["max_non_finite_grad_retries"], minimum=0, allow_none=True)
     check_int("gradient_accumulation_steps", args["gradient_accumulation_steps"], minimum=1)
-    check_int("seed", args["seed"], minimum=-(2**63), maximum=2**64 - 1, allow_none=True)  # what torch.manual_seed takes
+    # seed: what torch.manual_seed takes
+    check_int("seed", args["seed"], minimum=-(2**63), maximum=2**64 - 1, allow_none=True)
     check_optional_type("workspace", args["workspace"], (str, Path))
     if args["workspace"] is not None:
         check_directory_path("workspace", args["workspace"])

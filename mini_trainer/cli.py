@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. trainer.max_steps=100")
     train.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     train.add_argument("--no-eval", action="store_true", help="skip evaluate() after training")
-    train.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Python logging level")
+    train.add_argument(
+        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Python logging level"
+    )
     return parser
 
 
@@ -98,7 +100,8 @@ def run_train(cfg: dict[str, Any], evaluate: bool = True) -> int:
             return _usage_error(f"config 'imports': cannot import {module!r} ({err})")
     if "trainer" not in cfg:
         return _usage_error(
-            f"the config has no 'trainer' entry (keys: {', '.join(cfg) or 'none'}); define trainer = dict(type=..., ...)"
+            f"the config has no 'trainer' entry (keys: {', '.join(cfg) or 'none'}); "
+            "define trainer = dict(type=..., ...)"
         )
     # Building (trainer, model, optimizer, data, hooks) is where config mistakes surface:
     # report those as usage errors; failures during training keep their traceback.

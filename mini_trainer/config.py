@@ -113,7 +113,10 @@ def _parse_value(key: str, raw: str) -> Any:
         return ast.literal_eval(raw)
     except (MemoryError, RecursionError):
         # CPython's parser gives up on deep nesting ("too many nested parentheses").
-        raise ValueError(f"override {_shorten(key)}=...: the value ({len(raw)} characters) is too deeply nested (or too long an expression) to parse") from None
+        raise ValueError(
+            f"override {_shorten(key)}=...: the value ({len(raw)} characters) is too deeply nested "
+            "(or too long an expression) to parse"
+        ) from None
     except (ValueError, SyntaxError):
         lowered = raw.lower()
         if lowered in ("true", "false"):
@@ -147,7 +150,9 @@ def _child(node: Any, part: str, path: list[str]) -> Any:
     where = ".".join(path)
     if isinstance(node, dict):
         if part not in node:
-            raise KeyError(f"override path {where!r}: no key {part!r} (available: {', '.join(map(str, node)) or 'none'})")
+            raise KeyError(
+                f"override path {where!r}: no key {part!r} (available: {', '.join(map(str, node)) or 'none'})"
+            )
         return node[part]
     if isinstance(node, list):
         return node[_index(node, part, where)]

@@ -56,7 +56,9 @@ class EpochShuffleSampler(DistributedSampler):
         check_int("rank", rank, minimum=0)
         if rank >= num_replicas:
             raise ValueError(f"rank must be in 0..num_replicas-1 = 0..{num_replicas - 1}; got {rank}")
-        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=bool(shuffle), seed=seed, drop_last=drop_last)
+        super().__init__(
+            data_source, num_replicas=num_replicas, rank=rank, shuffle=bool(shuffle), seed=seed, drop_last=drop_last
+        )
         self.data_source = data_source
         self.start = 0  # samples of the permutation skipped in epoch `start_epoch` (a resume)
         self.start_epoch: int | None = None

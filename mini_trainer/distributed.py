@@ -206,7 +206,11 @@ def is_wrapped(model: nn.Module) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
     inner = getattr(model, "_orig_mod", model)  # through torch.compile
-    return isinstance(inner, DistributedDataParallel) or type(inner).__name__ == "FullyShardedDataParallel" or is_fsdp2(inner)
+    return (
+        isinstance(inner, DistributedDataParallel)
+        or type(inner).__name__ == "FullyShardedDataParallel"
+        or is_fsdp2(inner)
+    )
 
 
 def is_fsdp2(model: nn.Module) -> bool:

@@ -66,7 +66,10 @@ def to_pil(image: Any, name: str = "image") -> Image.Image:
         return image
     array = _to_numpy(image, name)
     if array.ndim == 4:
-        raise ValueError(f"image {name!r}: a batch of shape {tuple(array.shape)} is several images; use as_image_list, or log image[0]")
+        raise ValueError(
+            f"image {name!r}: a batch of shape {tuple(array.shape)} is several images; "
+            "use as_image_list, or log image[0]"
+        )
     if array.ndim not in (2, 3):
         raise ValueError(f"image {name!r}: a {array.ndim}-D {_describe(image)} is not an image; allowed: {_ALLOWED}")
     if array.ndim == 3:
@@ -93,7 +96,9 @@ def as_image_list(value: Any, name: str = "image") -> list[Image.Image]:
         return images
     if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 4:
         array = _to_numpy(value, name)
-        per_image = _channels_last(array, name, value, channels_first_preferred=isinstance(value, torch.Tensor), batch=True)
+        per_image = _channels_last(
+            array, name, value, channels_first_preferred=isinstance(value, torch.Tensor), batch=True
+        )
         return [to_pil(per_image[i], f"{name}[{i}]") for i in range(per_image.shape[0])]
     return [to_pil(value, name)]
 
@@ -118,13 +123,19 @@ def _to_numpy(image: Any, name: str) -> np.ndarray:
             raise TypeError(f"image {name!r}: a complex {_describe(image)} is not an image; allowed: {_ALLOWED}")
         return tensor.cpu().numpy()
     if isinstance(image, np.ndarray):
-        if not (image.dtype == np.bool_ or np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        if not (
+            image.dtype == np.bool_ or np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)
+        ):
             raise TypeError(f"image {name!r}: an {_describe(image)} is not an image; allowed: {_ALLOWED}")
         return image
-    raise TypeError(f"image {name!r}: got {type(image).__name__}; allowed: {_ALLOWED}, or for several images {_ALLOWED_BATCH}")
+    raise TypeError(
+        f"image {name!r}: got {type(image).__name__}; allowed: {_ALLOWED}, or for several images {_ALLOWED_BATCH}"
+    )
 
 
-def _channels_last(array: np.ndarray, name: str, original: Any, *, channels_first_preferred: bool, batch: bool = False) -> np.ndarray:
+def _channels_last(
+    array: np.ndarray, name: str, original: Any, *, channels_first_preferred: bool, batch: bool = False
+) -> np.ndarray:
     """Move the channel dimension of (N,)CHW / (N,)HWC to the end."""
     first, last = array.shape[-3], array.shape[-1]
     first_ok, last_ok = first in _CHANNEL_COUNTS, last in _CHANNEL_COUNTS
@@ -134,7 +145,10 @@ def _channels_last(array: np.ndarray, name: str, original: Any, *, channels_firs
         return array
     layout = "(N, C, H, W) or (N, H, W, C)" if batch else "(C, H, W) or (H, W, C)"
     if 2 in (first, last):
-        reason = "2 channels are ambiguous (grayscale + alpha, or two separate maps?): log one channel, or make it 1, 3 or 4"
+        reason = (
+            "2 channels are ambiguous (grayscale + alpha, or two separate maps?): "
+            "log one channel, or make it 1, 3 or 4"
+        )
     else:
         reason = "neither the first nor the last image dimension is 1, 3 or 4 channels"
     raise ValueError(f"image {name!r}: {_describe(original)}: {reason}; allowed: {layout} with C = 1, 3 or 4")

@@ -331,7 +331,9 @@ def check_forward_output(out: Any, owner: str) -> tuple[torch.Tensor | None, Map
     loss, records = out
     if loss is not None:
         if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"forward returned a loss of type {type(loss).__name__}; it must be a scalar tensor or None")
+            raise TypeError(
+                f"forward returned a loss of type {type(loss).__name__}; it must be a scalar tensor or None"
+            )
         if loss.ndim != 0:
             raise ValueError(
                 f"forward returned a loss of shape {tuple(loss.shape)}; it must be a scalar "

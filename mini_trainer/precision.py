@@ -49,7 +49,9 @@ def resolve_precision(mixed_precision: str | None, device: torch.device) -> torc
     return _DTYPES.get(mixed_precision) if mixed_precision else None
 
 
-def autocast_factory(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
+def autocast_factory(
+    device: torch.device, dtype: torch.dtype | None
+) -> Callable[[], contextlib.AbstractContextManager]:
     """A zero-argument callable returning the autocast context to wrap `forward` in."""
     if dtype is None:
         return contextlib.nullcontext
@@ -68,7 +70,9 @@ def default_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torc
     return torch.amp.GradScaler(device.type)
 
 
-def grad_scaler_for(device: torch.device, dtype: torch.dtype | None, parallel: str | None) -> torch.amp.GradScaler | None:
+def grad_scaler_for(
+    device: torch.device, dtype: torch.dtype | None, parallel: str | None
+) -> torch.amp.GradScaler | None:
     """The GradScaler a run needs: None unless fp16; with FSDP2 a ShardedGradScaler, since
     each rank holds a shard of the gradients and an overflow found on one shard must skip
     the step on every rank (it all-reduces the flag)."""
@@ -98,7 +102,9 @@ def resolve_device(device: str | torch.device | int) -> torch.device:
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            built = "built with CUDA, but no GPU is visible" if torch.backends.cuda.is_built() else "a build without CUDA"
+            built = (
+                "built with CUDA, but no GPU is visible" if torch.backends.cuda.is_built() else "a build without CUDA"
+            )
             raise ValueError(
                 f"device={device!r} asks for CUDA, which is not available here (torch {torch.__version__}: "
                 f"{built}); use device='cpu' or 'auto'"
@@ -106,9 +112,13 @@ def resolve_device(device: str | torch.device | int) -> torch.device:
         if resolved.index is None:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % count)
         if resolved.index >= count:
-            raise ValueError(f"device={device!r}: there is no GPU {resolved.index} here ({count} visible: 0..{count - 1})")
+            raise ValueError(
+                f"device={device!r}: there is no GPU {resolved.index} here ({count} visible: 0..{count - 1})"
+            )
     if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={device!r} asks for Apple's MPS, which is not available here; use device='cpu' or 'auto'")
+        raise ValueError(
+            f"device={device!r} asks for Apple's MPS, which is not available here; use device='cpu' or 'auto'"
+        )
     return resolved
 
 
@@ -134,4 +144,6 @@ def _parse_device(device: str | torch.device | int) -> torch.device:
     try:
         return torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps', ...; got {device!r} ({err})") from None
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps', ...; got {device!r} ({err})"
+        ) from None

@@ -124,7 +124,11 @@ def check_int(
     if minimum is not None and maximum is not None:
         allowed = f"an integer in {minimum}..{maximum}"
     else:
-        allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (f" <= {maximum}" if maximum is not None else "")
+        allowed = (
+            "an integer"
+            + (f" >= {minimum}" if minimum is not None else "")
+            + (f" <= {maximum}" if maximum is not None else "")
+        )
     if allow_none:
         allowed += " or None"
     if isinstance(value, bool) or not isinstance(value, int):
@@ -194,7 +198,10 @@ def check_directory_path(name: str, path: str | os.PathLike) -> None:
     if longest > limits["name"]:
         raise ValueError(f"{name} has a name of {longest} bytes; this filesystem allows {limits['name']} per name")
     if len(os.fsencode(str(absolute))) >= limits["path"]:
-        raise ValueError(f"{name} is {len(os.fsencode(str(absolute)))} bytes long as an absolute path; this filesystem allows fewer than {limits['path']}")
+        raise ValueError(
+            f"{name} is {len(os.fsencode(str(absolute)))} bytes long as an absolute path; "
+            f"this filesystem allows fewer than {limits['path']}"
+        )
     if not existing.is_dir():
         kind = "is a file" if existing.is_file() else "exists and is not a directory"
         if existing == absolute:
