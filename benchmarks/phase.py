@@ -87,12 +87,12 @@ def train(kind: str, architecture: str, steps: int, seed: int) -> dict:
     trainer.train()
     times = [c - start for c in clock]
     # With skip_forward a PREDICT step has no loss: it counts as the last one measured.
-    known = [l for l in losses if l is not None]
-    values = torch.stack([l.float() for l in known]).tolist() if known else []
+    known = [loss for loss in losses if loss is not None]
+    values = torch.stack([loss.float() for loss in known]).tolist() if known else []
     filled, last = [], float("nan")
     it = iter(values)
-    for l in losses:
-        last = next(it) if l is not None else last
+    for loss in losses:
+        last = next(it) if loss is not None else last
         filled.append(last)
     values = filled
     x, y = loaders["test"].dataset.tensors
@@ -100,7 +100,8 @@ def train(kind: str, architecture: str, steps: int, seed: int) -> dict:
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     backward = steps if kind == "baseline" else trainer.controller.backward_steps
     cosine = None if kind == "baseline" else trainer.get_stats().get("mean_correct_cosine")
-    return {"losses": values, "times": times, "accuracy": accuracy, "backward": backward, "total": times[-1], "cosine": cosine}
+    return {"losses": values, "times": times, "accuracy": accuracy, "backward": backward, "total": times[-1],
+            "cosine": cosine}
 
 
 def moving_average(values: list[float]) -> list[float]:
@@ -149,7 +150,8 @@ def main() -> None:
     torch.set_num_threads(1)
     digits = compare("mlp", args.steps, args.seed)
     cnn = compare("cnn", args.cnn_steps, args.seed)
-    print(json.dumps({**digits, **{f"cnn_{k}": v for k, v in cnn.items()}, "steps": args.steps, "cnn_steps": args.cnn_steps}))
+    print(json.dumps({**digits, **{f"cnn_{k}": v for k, v in cnn.items()},
+                      "steps": args.steps, "cnn_steps": args.cnn_steps}))
 
 
 if __name__ == "__main__":

@@ -186,10 +186,11 @@ def accuracy_one_seed(seed: int, epochs: int, batch_size: int, spela_lr: float, 
 
 
 def accuracy(args: argparse.Namespace) -> dict[str, Any]:
-    runs = [accuracy_one_seed(s, args.epochs, args.batch_size, args.spela_lr, args.backprop_lr) for s in range(args.seeds)]
+    runs = [accuracy_one_seed(s, args.epochs, args.batch_size, args.spela_lr, args.backprop_lr)
+            for s in range(args.seeds)]
     spela = [r["spela"] for r in runs]
     backprop = [r["backprop"] for r in runs]
-    exits = [statistics.mean(e) for e in zip(*(r["spela_exits"] for r in runs))]
+    exits = [statistics.mean(e) for e in zip(*(r["spela_exits"] for r in runs), strict=True)]
     return {
         "spela_acc": round(statistics.mean(spela), 4),
         "backprop_acc": round(statistics.mean(backprop), 4),
@@ -218,7 +219,8 @@ def deep_mlp() -> nn.Sequential:
 def random_batches(device: torch.device, count: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     return [
-        (torch.randn(DEEP_BATCH, IN_FEATURES, generator=g).to(device), torch.randint(0, CLASSES, (DEEP_BATCH,), generator=g).to(device))
+        (torch.randn(DEEP_BATCH, IN_FEATURES, generator=g).to(device),
+         torch.randint(0, CLASSES, (DEEP_BATCH,), generator=g).to(device))
         for _ in range(count)
     ]
 
@@ -237,7 +239,8 @@ class SpelaRun:
     """SpelaTrainer as shipped, defaults kept."""
 
     def __init__(self, device: torch.device) -> None:
-        self.trainer = SpelaTrainer(deep_mlp(), num_classes=CLASSES, lr=DEEP_LR, momentum=MOMENTUM, data_loader=random_batches(device), device=device)
+        self.trainer = SpelaTrainer(deep_mlp(), num_classes=CLASSES, lr=DEEP_LR, momentum=MOMENTUM,
+                                    data_loader=random_batches(device), device=device)
 
     def run(self, steps: int) -> None:
         self.trainer.fit(steps=steps)
@@ -248,7 +251,8 @@ class SpelaPlainRun:
 
     def __init__(self, device: torch.device) -> None:
         self.net = SpelaNet.from_sequential(deep_mlp(), SpelaConfig(num_classes=CLASSES)).to(device)
-        self.optimizers = [torch.optim.SGD(layer.parameters(), lr=DEEP_LR, momentum=MOMENTUM) for layer in self.net.layers]
+        self.optimizers = [torch.optim.SGD(layer.parameters(), lr=DEEP_LR, momentum=MOMENTUM)
+                           for layer in self.net.layers]
         self.data = Cycle(random_batches(device))
 
     def run(self, steps: int) -> None:
@@ -311,15 +315,17 @@ def step_times(device: torch.device, rounds: int, steps: int, cpu_clock: bool) -
                 faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     finally:
         gc.unfreeze()
-    ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
+    ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))  # noqa: E731
     return {
         "step_time_ratio": round(ratio("spela", "backprop"), 3),
         "spela_plain_step_time_ratio": round(ratio("spela_plain", "backprop"), 3),
         "spela_vs_spela_plain": round(ratio("spela", "spela_plain"), 3),
         **{f"{name}_step_ms": round(1e3 * statistics.median(t), 2) for name, t in times.items()},
         **{f"{name}_page_faults_per_step": round(f / (rounds * steps)) for name, f in faults.items()},
-        "step_time_ratio_range": [round(min(x / y for x, y in zip(times["spela"], times["backprop"])), 3),
-                                  round(max(x / y for x, y in zip(times["spela"], times["backprop"])), 3)],
+        "step_time_ratio_range": [
+            round(min(x / y for x, y in zip(times["spela"], times["backprop"], strict=True)), 3),
+            round(max(x / y for x, y in zip(times["spela"], times["backprop"], strict=True)), 3),
+        ],
     }
 
 
@@ -389,13 +395,15 @@ def memory_worker(method: str, steps: int, mallopt: bool) -> None:
     baseline = current_rss()
     reset = reset_peak_rss()
     run.run(steps)
-    print(json.dumps({"start": start, "baseline": baseline, "peak": peak_rss(), "peak_reset": reset, "mmap_threshold_fixed": fixed}))
+    print(json.dumps({"start": start, "baseline": baseline, "peak": peak_rss(), "peak_reset": reset,
+                      "mmap_threshold_fixed": fixed}))
 
 
 def cpu_memory(args: argparse.Namespace) -> dict[str, Any]:
     got = {}
     for method in ("spela", "backprop"):
-        command = [sys.executable, os.path.abspath(__file__), "--memory-worker", method, "--memory-steps", str(args.memory_steps), "--threads", str(args.threads)]
+        command = [sys.executable, os.path.abspath(__file__), "--memory-worker", method,
+                   "--memory-steps", str(args.memory_steps), "--threads", str(args.threads)]
         if args.no_mallopt:
             command.append("--no-mallopt")
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -473,10 +481,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=5, help="steps per runner per timing round")
     parser.add_argument("--memory-steps", type=int, default=5, help="steps measured in each memory process")
-    parser.add_argument("--no-mallopt", action="store_true", help="measure CPU memory with glibc's default mmap threshold")
-    parser.add_argument("--default-malloc", action="store_true", help="time CPU steps with glibc's default heap settings")
+    parser.add_argument("--no-mallopt", action="store_true",
+                        help="measure CPU memory with glibc's default mmap threshold")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="time CPU steps with glibc's default heap settings")
     parser.add_argument("--skip-accuracy", action="store_true", help="leave out part 1 (goals then say null for it)")
-    parser.add_argument("--skip-timing", action="store_true", help="leave out the CPU step times (goals then say null for it)")
+    parser.add_argument("--skip-timing", action="store_true",
+                        help="leave out the CPU step times (goals then say null for it)")
     parser.add_argument("--memory-worker", choices=list(RUNNERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
