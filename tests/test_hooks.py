@@ -74,7 +74,9 @@ def test_logging_hook_averages_each_interval_and_writes_metrics_jsonl(tmp_path):
     trainer = make_trainer(regression_batches(5, 4), max_steps=5, workspace=tmp_path,
                            forward_fn=_constant_loss_forward(values), hooks=[LoggingHook(interval=2)])
     logged = []
-    trainer._given["hooks"].append(type("Tap", (BaseHook,), {"on_log": lambda self, t, r, dry_run=False: logged.append(r)})())
+    trainer._given["hooks"].append(
+        type("Tap", (BaseHook,), {"on_log": lambda self, t, r, dry_run=False: logged.append(r)})()
+    )
     trainer.train()
     assert [r["loss"] for r in logged] == pytest.approx([1.5, 3.5, 5.0])  # intervals 2, 2, then the rest
     assert logged[0]["acc"] == pytest.approx(0.15)
@@ -93,13 +95,15 @@ def test_logging_hook_without_workspace_writes_nothing(tmp_path, monkeypatch):
 
 
 LINE = re.compile(
-    r"^Step (\d+)/(\d+): step \d+\.\d{4}s data \d+\.\d{4}s (eta \d+:\d\d:\d\d )?loss \S+ grad_norm \S+ lr \d\.\d\de[-+]\d\d \| mae \S+$"
+    r"^Step (\d+)/(\d+): step \d+\.\d{4}s data \d+\.\d{4}s (eta \d+:\d\d:\d\d )?"
+    r"loss \S+ grad_norm \S+ lr \d\.\d\de[-+]\d\d \| mae \S+$"
 )
 
 
 def test_progress_prints_one_line_per_interval_without_a_tty():
     out = io.StringIO()
-    trainer = make_trainer(regression_batches(10, 4), max_steps=10, hooks=[ProgressHook(interval=4, eta_warmup=1, file=out)])
+    trainer = make_trainer(regression_batches(10, 4), max_steps=10,
+                           hooks=[ProgressHook(interval=4, eta_warmup=1, file=out)])
     trainer.train()
     lines = out.getvalue().splitlines()
     assert [LINE.match(line).group(1) for line in lines] == ["4", "8", "10"]
@@ -133,7 +137,8 @@ def test_records_may_mix_numbers_and_tensors_and_skip_nan():
 
     logged = []
     tap = type("Tap", (BaseHook,), {"on_log": lambda self, t, r, dry_run=False: logged.append(r)})()
-    trainer = make_trainer(regression_batches(2, 4), max_steps=2, forward_fn=forward, hooks=[LoggingHook(interval=2), tap])
+    trainer = make_trainer(regression_batches(2, 4), max_steps=2, forward_fn=forward,
+                           hooks=[LoggingHook(interval=2), tap])
     trainer.train()
     assert logged[0]["a"] == pytest.approx(2.0) and logged[0]["b"] == pytest.approx(2.0)
 
@@ -147,7 +152,8 @@ def test_synced_logging_under_a_process_group(tmp_path):
         logged = []
         tap = type("Tap", (BaseHook,), {"on_log": lambda self, t, r, dry_run=False: logged.append((r, dry_run))})()
         trainer = make_trainer(regression_batches(4, 4), max_steps=4, forward_fn=_constant_loss_forward(values),
-                               hooks=[LoggingHook(interval=4, sync=True), ProgressHook(interval=2, sync=True, file=io.StringIO()), tap])
+                               hooks=[LoggingHook(interval=4, sync=True),
+                                      ProgressHook(interval=2, sync=True, file=io.StringIO()), tap])
         trainer.train()
         (records, dry_run), = logged
         assert records["loss"] == pytest.approx(2.5) and records["nested"] == {"count": 1.0} and dry_run is False
@@ -193,6 +199,7 @@ def test_fp16_overflow_steps_do_not_turn_the_logged_grad_norm_into_inf():
     logged = []
     tap = type("Tap", (BaseHook,), {"on_log": lambda self, t, r, dry_run=False: logged.append(r)})()
     trainer = make_trainer(batches, max_steps=4, mixed_precision="fp16", grad_clip=10.0,
-                           grad_scaler=torch.amp.GradScaler("cpu", init_scale=16.0), hooks=[LoggingHook(interval=4), tap])
+                           grad_scaler=torch.amp.GradScaler("cpu", init_scale=16.0),
+                           hooks=[LoggingHook(interval=4), tap])
     trainer.train()
     assert 0 < logged[0]["grad_norm"] < float("inf")

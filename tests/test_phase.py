@@ -44,7 +44,8 @@ def phases(config: PhaseConfig, steps: int) -> str:
         # phase_step is not reset by CORRECT: C at phase_step 3 and 6, FULL once it reaches 7.
         (PhaseConfig(warmup_steps=0, full_steps=2, predict_steps=7, correct_every=3), "FFPPPCPPC" * 2 + "FF"),
         # A CORRECT at phase_step == predict_steps too (20 % 5 == 0), as the crate does.
-        (PhaseConfig(warmup_steps=0, full_steps=5, predict_steps=20, correct_every=5), "FFFFF" + "PPPPPC" + "PPPPC" * 3 + "F"),
+        (PhaseConfig(warmup_steps=0, full_steps=5, predict_steps=20, correct_every=5),
+         "FFFFF" + "PPPPPC" + "PPPPC" * 3 + "F"),
         # Warmup first (at least 2 steps for a slope), then cycles.
         (PhaseConfig(warmup_steps=1, full_steps=1, predict_steps=2, correct_every=9), "WWFPPFPPF"),
         (PhaseConfig(warmup_steps=0, full_steps=3, predict_steps=0), "FFFFFFF"),
@@ -66,13 +67,15 @@ def test_cycles_and_speedup_are_counted():
 
 
 def test_adaptive_lengths_follow_the_loss():
-    rising = PhaseController(PhaseConfig(warmup_steps=0, full_steps=2, predict_steps=20, correct_every=50, adaptive_phases=True))
+    rising = PhaseController(PhaseConfig(warmup_steps=0, full_steps=2, predict_steps=20, correct_every=50,
+                                         adaptive_phases=True))
     for i in range(23):  # through one cycle, losses rising by 10% per step
         rising.begin_step()
         rising.end_step(1.1**i)
     assert rising.begin_step().phase.value == "full"
     assert (rising.full_steps, rising.predict_steps) == (4, 15)
-    falling = PhaseController(PhaseConfig(warmup_steps=0, full_steps=2, predict_steps=20, correct_every=50, adaptive_phases=True))
+    falling = PhaseController(PhaseConfig(warmup_steps=0, full_steps=2, predict_steps=20, correct_every=50,
+                                          adaptive_phases=True))
     for i in range(23):
         falling.begin_step()
         falling.end_step(0.9**i)
@@ -138,7 +141,7 @@ def test_least_squares_predicts_a_linear_trend_exactly():
     for step in (0, 1, 2, 4, 7, 8):  # uneven spacing, more entries than the window
         predictor.record(trajectory(step), step)
     for step in (9, 12, 20):
-        for got, expected in zip(predictor.predict(step), trajectory(step)):
+        for got, expected in zip(predictor.predict(step), trajectory(step), strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -146,7 +149,7 @@ def test_without_extrapolation_the_fit_at_the_newest_gradient_is_predicted():
     predictor = LeastSquaresPredictor(PhaseConfig(history_window=5, extrapolate=False))
     for step in range(6):
         predictor.record(trajectory(step), step)
-    for got, expected in zip(predictor.predict(20), trajectory(5)):
+    for got, expected in zip(predictor.predict(20), trajectory(5), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -268,7 +271,8 @@ def count_backward(trainer: PhaseTrainer) -> list[int]:
 
 
 def test_predict_steps_run_no_backward_and_report_the_phase():
-    trainer = Classifier(max_steps=40, device="cpu", seed=0, warmup_steps=2, full_steps=2, predict_steps=6, correct_every=4)
+    trainer = Classifier(max_steps=40, device="cpu", seed=0,
+                         warmup_steps=2, full_steps=2, predict_steps=6, correct_every=4)
     calls = count_backward(trainer)
     result = trainer.fit()
     stats = trainer.get_stats()
@@ -285,13 +289,15 @@ def test_phase_trainer_learns():
     assert trainer.get_stats()["speedup"] > 2.0
 
 
-@pytest.mark.parametrize("options", [{}, {"history_storage": "ternary"}, {"history_storage": "vsa"}, {"predictor": "momentum"},
+@pytest.mark.parametrize("options", [{}, {"history_storage": "ternary"}, {"history_storage": "vsa"},
+                                     {"predictor": "momentum"},
                                      {"gradient_accumulation_steps": 2, "ternary_accumulation": True}])
 def test_resume_is_exact(tmp_path, options):
     def run(workspace, steps):
         hooks = [CheckpointingHook(interval=7, path="ckpt")]
         trainer = Classifier(max_steps=steps, device="cpu", seed=0, workspace=workspace, hooks=hooks,
-                             warmup_steps=2, full_steps=2, predict_steps=6, correct_every=4, history_window=3, **options)
+                             warmup_steps=2, full_steps=2, predict_steps=6, correct_every=4, history_window=3,
+                             **options)
         trainer.train()
         return trainer
 
@@ -299,7 +305,7 @@ def test_resume_is_exact(tmp_path, options):
     run(tmp_path / "resumed", 17)  # checkpoints at 7, 14 and 17 (the end)
     resumed = run(tmp_path / "resumed", 30)
     assert resumed.get_stats() == straight.get_stats()
-    for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -312,7 +318,8 @@ def test_ternary_accumulation_frees_float_gradients_between_micro_steps():
                 seen.append((all(p.grad is None for p in self.model.parameters()), self._accumulator.nbytes))
             return super().forward(batch)
 
-    trainer = Watching(max_steps=6, device="cpu", seed=0, gradient_accumulation_steps=2, ternary_accumulation=True, warmup_steps=2)
+    trainer = Watching(max_steps=6, device="cpu", seed=0, gradient_accumulation_steps=2, ternary_accumulation=True,
+                       warmup_steps=2)
     trainer.train()
     params = sum(p.numel() for p in trainer.model.parameters())
     assert seen and all(freed and 0 < nbytes < params for freed, nbytes in seen)
@@ -325,7 +332,8 @@ def test_skip_forward_reports_no_loss_on_predict_steps():
         def on_after_step(self, t):
             losses.append(t.step_info["loss"])
 
-    trainer = Classifier(max_steps=12, device="cpu", seed=0, warmup_steps=2, full_steps=2, predict_steps=4, correct_every=9,
+    trainer = Classifier(max_steps=12, device="cpu", seed=0,
+                         warmup_steps=2, full_steps=2, predict_steps=4, correct_every=9,
                          skip_forward=True, hooks=[Watch()])
     trainer.train()
     assert [loss is None for loss in losses] == [False] * 4 + [True] * 4 + [False] * 2 + [True] * 2
@@ -360,10 +368,12 @@ def test_fp16_predictions_reach_the_optimizer_unscaled(tmp_path):
         def gradients_ready(self, skipped):
             if self._predicting:
                 expected = self.controller.predicted_gradients()
-                seen.append(all(torch.allclose(p.grad, e, rtol=1e-5, atol=1e-7) for p, e in zip(self.optimized_params, expected)))
+                seen.append(all(torch.allclose(p.grad, e, rtol=1e-5, atol=1e-7)
+                                for p, e in zip(self.optimized_params, expected, strict=True)))
             super().gradients_ready(skipped)
 
-    config = dict(device="cpu", seed=0, mixed_precision="fp16", warmup_steps=2, full_steps=2, predict_steps=6, max_grad_norm=None)
+    config = dict(device="cpu", seed=0, mixed_precision="fp16", warmup_steps=2, full_steps=2, predict_steps=6,
+                  max_grad_norm=None)
     Watch(max_steps=12, **config).train()
     assert len(seen) >= 5 and all(seen)
     # Saved during PREDICT, resumed into PREDICT: the scaler's scale is set up before use.
@@ -418,7 +428,8 @@ def test_ternary_accumulation_keeps_the_average_when_an_epoch_ends_mid_step():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_predict_steps_step_like_real_ones(precision):
-    trainer = Classifier(max_steps=30, device="cpu", seed=0, mixed_precision=precision, warmup_steps=2, full_steps=2, predict_steps=6)
+    trainer = Classifier(max_steps=30, device="cpu", seed=0, mixed_precision=precision,
+                         warmup_steps=2, full_steps=2, predict_steps=6)
     result = trainer.fit()
     assert math.isfinite(result["loss"]) and result["loss"] < 1.2
     assert trainer.get_stats()["predict_steps"] >= 10
@@ -446,7 +457,8 @@ def test_a_retried_non_finite_step_leaves_no_trace_in_the_history():
                 loss = loss * float("nan")
             return loss, records
 
-    trainer = OneNaN(max_steps=20, device="cpu", seed=0, max_non_finite_grad_retries=1, warmup_steps=2, full_steps=2, predict_steps=6)
+    trainer = OneNaN(max_steps=20, device="cpu", seed=0, max_non_finite_grad_retries=1,
+                     warmup_steps=2, full_steps=2, predict_steps=6)
     result = trainer.fit()
     assert math.isfinite(result["loss"]) and result["retries"] > 0
     history = trainer.controller.predictor.history

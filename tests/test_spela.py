@@ -22,7 +22,8 @@ def blobs(n=240, features=12, classes=4, seed=0):
 
 
 def mlp(features=12, hidden=32, out=8):
-    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out))
+    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, out))
 
 
 def trainer(tmp_path=None, steps=30, hooks=None, **kwargs):
@@ -79,7 +80,7 @@ def test_no_gradient_crosses_layers():
     out = net.layer_output(net.layer_input(x, 0), 0)
     target = net.vectors(0, out.shape[1], out.device)[y]
     (-torch.nn.functional.cosine_similarity(out, target, dim=1).mean() / 2).backward()
-    for alone, both in zip((p.grad for p in net.layers[0].parameters()), together):
+    for alone, both in zip((p.grad for p in net.layers[0].parameters()), together, strict=True):
         torch.testing.assert_close(alone, both)
 
 
@@ -131,12 +132,13 @@ def test_one_layer_at_a_time_frees_gradients_before_the_next_layer_runs():
 
 def test_accumulation_equals_the_big_batch():
     x, y = blobs(64)
-    big = SpelaTrainer(mlp(), num_classes=4, lr=5e-2, momentum=0.0, seed=0, device="cpu", data_loader=[(x, y)], max_steps=1)
+    big = SpelaTrainer(mlp(), num_classes=4, lr=5e-2, momentum=0.0, seed=0, device="cpu",
+                       data_loader=[(x, y)], max_steps=1)
     big.train()
     small = SpelaTrainer(mlp(), num_classes=4, lr=5e-2, momentum=0.0, seed=0, device="cpu",
                          data_loader=[(x[:32], y[:32]), (x[32:], y[32:])], max_steps=1, gradient_accumulation_steps=2)
     small.train()
-    for a, b in zip(big.spela_net.parameters(), small.spela_net.parameters()):
+    for a, b in zip(big.spela_net.parameters(), small.spela_net.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -155,7 +157,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
     resumed = trainer(tmp_path / "b", steps=20, hooks=[CheckpointingHook(interval=4)])
     resumed.train()
     assert resumed.hooks[0].resumed_from.name == "step_000000009"
-    for a, b in zip(straight.spela_net.parameters(), resumed.spela_net.parameters()):
+    for a, b in zip(straight.spela_net.parameters(), resumed.spela_net.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -170,7 +172,8 @@ def test_seed_readme_api_with_layers_of_a_model_and_config():
             self.fc2 = nn.Linear(32, 8)
 
     model = Net()
-    run = SpelaTrainer(model, [model.fc1, model.fc2], [nn.ReLU(), None], SpelaConfig(num_classes=4, lr=5e-2), device="cpu")
+    run = SpelaTrainer(model, [model.fc1, model.fc2], [nn.ReLU(), None], SpelaConfig(num_classes=4, lr=5e-2),
+                       device="cpu")
     x, y = blobs()
     run.fit(tensor_loader(x, y, batch_size=16), epochs=3)
     assert run.evaluate([(x, y)])["accuracy"] > 0.8
@@ -178,7 +181,8 @@ def test_seed_readme_api_with_layers_of_a_model_and_config():
 
 
 def test_sequential_is_split_at_modules_with_parameters():
-    seq = nn.Sequential(nn.Flatten(), nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    seq = nn.Sequential(nn.Flatten(), nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 5))
     net = SpelaNet.from_sequential(seq, SpelaConfig(num_classes=3))
     assert len(net.layers) == 3
@@ -190,10 +194,12 @@ def test_sequential_is_split_at_modules_with_parameters():
 def test_cnn_blocks_train_and_non_vector_outputs_are_refused_without_auto_flatten():
     block = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     images, labels = torch.randn(32, 1, 8, 8), torch.randint(0, 3, (32,))
-    run = SpelaTrainer(layers=[block, nn.Linear(4, 6)], num_classes=3, device="cpu", data_loader=[(images, labels)], max_steps=2)
+    run = SpelaTrainer(layers=[block, nn.Linear(4, 6)], num_classes=3, device="cpu",
+                       data_loader=[(images, labels)], max_steps=2)
     run.train()
     bare = nn.Conv2d(1, 4, 3)  # output (B, 4, 6, 6): not a vector per sample
-    strict = SpelaTrainer(layers=[bare], num_classes=3, auto_flatten=False, device="cpu", data_loader=[(images, labels)], max_steps=1)
+    strict = SpelaTrainer(layers=[bare], num_classes=3, auto_flatten=False, device="cpu",
+                          data_loader=[(images, labels)], max_steps=1)
     with pytest.raises(ValueError, match=r"layer 1 gives an output of shape \(32, 4, 6, 6\).*pooling \+ nn.Flatten"):
         strict.train()
 
@@ -203,7 +209,8 @@ def test_cnn_blocks_train_and_non_vector_outputs_are_refused_without_auto_flatte
     [
         (dict(), TypeError, "needs num_classes"),
         (dict(num_classes=1), ValueError, "SpelaConfig.num_classes must be an integer >= 2"),
-        (dict(num_classes=3, embeddings_method="farthest"), ValueError, "embeddings_method must be one of 'energy', 'random'"),
+        (dict(num_classes=3, embeddings_method="farthest"), ValueError,
+         "embeddings_method must be one of 'energy', 'random'"),
         (dict(num_classes=3, momentum=1.0), ValueError, r"momentum must be in \[0, 1\)"),
         (dict(num_classes=3, grad_clip=0), ValueError, "SpelaConfig.grad_clip"),
     ],

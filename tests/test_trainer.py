@@ -18,7 +18,8 @@ from mini_trainer import BaseHook, BaseTrainer, NonFiniteGradientError
 @pytest.mark.parametrize("accumulation", [2, 4])
 def test_accumulated_gradients_equal_one_big_batch(accumulation):
     big = regression_batches(3, 32, seed=1)
-    small = [(x[i : i + 32 // accumulation], y[i : i + 32 // accumulation]) for x, y in big for i in range(0, 32, 32 // accumulation)]
+    small = [(x[i : i + 32 // accumulation], y[i : i + 32 // accumulation])
+             for x, y in big for i in range(0, 32, 32 // accumulation)]
     one = make_trainer(big, max_steps=3)
     many = make_trainer(small, max_steps=3, gradient_accumulation_steps=accumulation)
     one.train()
@@ -335,7 +336,8 @@ def test_records_are_detached_and_may_not_shadow_step_metrics():
     records = trainer.step_info["records"]
     assert not records["raw"].requires_grad and not records["nested"]["raw"].requires_grad
 
-    clash = make_trainer(regression_batches(2, 4), forward_fn=lambda m, b: (mse_forward(m, b)[0], {"lr": 1.0}), max_steps=1)
+    clash = make_trainer(regression_batches(2, 4), forward_fn=lambda m, b: (mse_forward(m, b)[0], {"lr": 1.0}),
+                         max_steps=1)
     with pytest.raises(ValueError, match=r"records named \['lr'\].*rename"):
         clash.train()
 

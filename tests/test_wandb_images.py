@@ -185,7 +185,8 @@ def test_logs_every_record_and_image_at_the_trainers_step(wandb_env, monkeypatch
     wandb_root.mkdir()
     monkeypatch.setenv("WANDB_DIR", str(wandb_root))  # wins over the hook's dir=workspace
     workspace = wandb_env / "ws"
-    hook = WandbHook(project="p", tags=None, config={"lr": 0.1, "model": torch.nn.Linear(2, 2), "nested": {"t": torch.tensor(2.0)}})
+    hook = WandbHook(project="p", tags=None,
+                     config={"lr": 0.1, "model": torch.nn.Linear(2, 2), "nested": {"t": torch.tensor(2.0)}})
     batch = _pixels(1, (2, 3, 5, 6))
     trainer = make_trainer(
         regression_batches(6, 4), max_steps=6, workspace=workspace,
@@ -246,7 +247,8 @@ def test_a_run_started_by_the_user_is_used_and_left_open(wandb_env):
 
     own = wandb.init(project="mine", dir=str(wandb_env))
     hook = WandbHook(project="p")
-    make_trainer(regression_batches(2, 4), max_steps=2, workspace=wandb_env / "ws", hooks=[LoggingHook(interval=1), hook]).train()
+    make_trainer(regression_batches(2, 4), max_steps=2, workspace=wandb_env / "ws",
+                 hooks=[LoggingHook(interval=1), hook]).train()
     assert hook.run_id == own.id and wandb.run is own  # not finished by the hook
     own.finish()
     (run,) = offline_runs(wandb_env)
@@ -322,7 +324,8 @@ def test_a_run_that_fails_to_finish_still_gets_its_final_checkpoint(wandb_env, c
     assert any("could not finish the W&B run: upload failed" in message for message in caplog.messages)
 
 
-@pytest.mark.parametrize("error, code", [(SystemExit(), 0), (SystemExit(143), 143), (SystemExit("bye"), 1), (KeyboardInterrupt(), 1)])
+@pytest.mark.parametrize("error, code", [(SystemExit(), 0), (SystemExit(143), 143), (SystemExit("bye"), 1),
+                                         (KeyboardInterrupt(), 1)])
 def test_the_exit_code_of_a_run_that_ends_with_an_exception(wandb_env, error, code):
     hook = WandbHook()
     trainer = make_trainer(regression_batches(2, 4), max_steps=1, workspace=wandb_env / "ws", hooks=[hook])
@@ -341,7 +344,8 @@ def test_init_kwargs_defaults_environment_and_explicit_keywords(wandb_env, monke
     assert not wandb_hook_module.wandb_credentials_configured()
     # Explicit keywords are passed as given.
     explicit = WandbHook(mode="disabled", dir="elsewhere", id="x1").wandb_init_kwargs(trainer)
-    assert (explicit["mode"], explicit["dir"], explicit["id"], explicit["resume"]) == ("disabled", "elsewhere", "x1", "allow")
+    assert (explicit["mode"], explicit["dir"], explicit["id"], explicit["resume"]) == (
+        "disabled", "elsewhere", "x1", "allow")
     # A checkpoint's run id is continued.
     hook = WandbHook()
     hook.on_load_state_dict(trainer, {"hooks": {"wandb": {"run_id": "saved1"}}})
@@ -382,14 +386,16 @@ def test_offline_without_credentials_and_disabled_env_wins(wandb_env, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "disabled")
     wandb.teardown()
     hook = WandbHook(project="p")
-    trainer = make_trainer(regression_batches(2, 4), max_steps=2, workspace=wandb_env / "b", hooks=[LoggingHook(interval=1), hook])
+    trainer = make_trainer(regression_batches(2, 4), max_steps=2, workspace=wandb_env / "b",
+                           hooks=[LoggingHook(interval=1), hook])
     trainer.train()
     assert hook.run_id is not None and not (wandb_env / "b" / "wandb").exists()
 
 
 def test_dry_run_and_other_ranks_never_start_wandb(tmp_path, monkeypatch):
     hook = WandbHook(project="p")
-    trainer = make_trainer(regression_batches(2, 4), max_steps=2, workspace=tmp_path, hooks=[LoggingHook(interval=1), hook])
+    trainer = make_trainer(regression_batches(2, 4), max_steps=2, workspace=tmp_path,
+                           hooks=[LoggingHook(interval=1), hook])
     trainer.log({"x": 1.0}, dry_run=True)
     trainer.log_images({"x": torch.zeros(3, 2, 2)}, dry_run=True)
     assert hook.run is None
@@ -420,8 +426,10 @@ def test_hooks_are_registered_and_wandb_is_imported_lazily():
     assert "WandbHook" in REGISTRY and "ImageFileLoggerHook" in REGISTRY
     hook = build_from_cfg({"type": "ImageFileLoggerHook", "interval": 5, "format": "JPG"})
     assert isinstance(hook, ImageFileLoggerHook) and (hook.interval, hook.format) == (5, "jpg")
-    code = "import sys, mini_trainer; from mini_trainer.hooks import WandbHook; WandbHook(); assert 'wandb' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    code = ("import sys, mini_trainer; from mini_trainer.hooks import WandbHook; WandbHook(); "
+            "assert 'wandb' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
 
 
 # ============================================================================ ImageFileLoggerHook
@@ -429,7 +437,8 @@ def test_hooks_are_registered_and_wandb_is_imported_lazily():
 
 def _image_trainer(tmp_path, hook, make_images, max_steps=4, **kwargs):
     kwargs.setdefault("workspace", tmp_path)
-    return make_trainer(regression_batches(max_steps, 4), max_steps=max_steps, hooks=[hook, ImageEveryStep(make_images)], **kwargs)
+    return make_trainer(regression_batches(max_steps, 4), max_steps=max_steps,
+                        hooks=[hook, ImageEveryStep(make_images)], **kwargs)
 
 
 def test_writes_every_interval_at_most_max_images_per_call(tmp_path):
@@ -442,17 +451,20 @@ def test_writes_every_interval_at_most_max_images_per_call(tmp_path):
     files = sorted(str(p.relative_to(root / "4")) for p in (root / "4").rglob("*") if p.is_file())
     assert files == ["single.png", "val/batch_0.png", "val/batch_1.png"]  # 3 files in all
     assert np.array_equal(np.asarray(Image.open(root / "4" / "single.png")), _expected_uint8(single.permute(1, 2, 0)))
-    assert np.array_equal(np.asarray(Image.open(root / "4/val/batch_1.png")), _expected_uint8(batch[1].permute(1, 2, 0)))
+    assert np.array_equal(np.asarray(Image.open(root / "4/val/batch_1.png")),
+                          _expected_uint8(batch[1].permute(1, 2, 0)))
     assert not list(root.rglob(".*.tmp"))
 
 
 def test_path_without_workspace_is_the_current_directory_and_absolute_paths_are_kept(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     image = np.full((3, 4), 7, dtype=np.uint8)
-    _image_trainer(tmp_path, ImageFileLoggerHook(interval=1, path="out"), lambda step: {"g": image}, max_steps=1, workspace=None).train()
+    _image_trainer(tmp_path, ImageFileLoggerHook(interval=1, path="out"), lambda step: {"g": image},
+                   max_steps=1, workspace=None).train()
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "1" / "g.png")), image)
     absolute = tmp_path / "abs"
-    _image_trainer(tmp_path / "ws", ImageFileLoggerHook(interval=1, path=absolute), lambda step: {"g": image}, max_steps=1).train()
+    _image_trainer(tmp_path / "ws", ImageFileLoggerHook(interval=1, path=absolute), lambda step: {"g": image},
+                   max_steps=1).train()
     assert (absolute / "1" / "g.png").is_file()
 
 
@@ -464,7 +476,8 @@ def test_other_formats_convert_modes_they_cannot_store(tmp_path, fmt):
     images = {"rgba": rgba, "la": gray_alpha, "list": [rgba, np.zeros((6, 8, 3), np.uint8)]}
     _image_trainer(tmp_path, hook, lambda step: images, max_steps=1).train()
     step_dir = tmp_path / "images" / "1"
-    assert sorted(p.name for p in step_dir.iterdir()) == sorted(f"{n}.{fmt}" for n in ("rgba", "la", "list_0", "list_1"))
+    assert sorted(p.name for p in step_dir.iterdir()) == sorted(
+        f"{n}.{fmt}" for n in ("rgba", "la", "list_0", "list_1"))
     written = Image.open(step_dir / f"rgba.{fmt}").convert("RGBA")
     assert written.size == (8, 6)
     if fmt in ("jpeg", "jpg"):
@@ -483,7 +496,8 @@ def test_dry_run_and_other_ranks_write_nothing(tmp_path, monkeypatch):
 
 
 def test_bad_names_are_refused_at_every_step(tmp_path):
-    trainer = make_trainer(regression_batches(1, 4), max_steps=1, workspace=tmp_path, hooks=[ImageFileLoggerHook(interval=100)])
+    trainer = make_trainer(regression_batches(1, 4), max_steps=1, workspace=tmp_path,
+                           hooks=[ImageFileLoggerHook(interval=100)])
     trainer.step = 1  # not a multiple of the interval: nothing would be written, but names are checked
     for name in ("../x", "/abs", "a//b", "a/./b", "", "a\\b", "a/"):
         with pytest.raises(ValueError, match="image name") as info:
@@ -497,7 +511,8 @@ def test_argument_validation(tmp_path):
     for kwargs, error, match in (
         ({"interval": 0}, ValueError, "ImageFileLoggerHook.interval"),
         ({"max_images": 1.5}, TypeError, "ImageFileLoggerHook.max_images"),
-        ({"format": "xyz"}, ValueError, "ImageFileLoggerHook.format must be one of png, jpeg, jpg, webp, bmp, tiff, gif; got 'xyz'"),
+        ({"format": "xyz"}, ValueError,
+         "ImageFileLoggerHook.format must be one of png, jpeg, jpg, webp, bmp, tiff, gif; got 'xyz'"),
         ({"path": 3}, TypeError, "ImageFileLoggerHook.path"),
     ):
         with pytest.raises(error, match=match):
@@ -567,7 +582,8 @@ def test_batches_and_lists():
 @pytest.mark.parametrize(
     ("value", "error", "match"),
     [
-        (torch.zeros(1, 2, 3, 4, 5), ValueError, r"image 'pic': a 5-D tensor of shape \(1, 2, 3, 4, 5\) \(torch.float32\) is not an image"),
+        (torch.zeros(1, 2, 3, 4, 5), ValueError,
+         r"image 'pic': a 5-D tensor of shape \(1, 2, 3, 4, 5\) \(torch.float32\) is not an image"),
         (torch.zeros(7), ValueError, "a 1-D tensor"),
         (torch.zeros(2, 5, 5), ValueError, "2 channels are ambiguous"),
         (np.zeros((5, 5, 2)), ValueError, "2 channels are ambiguous"),
