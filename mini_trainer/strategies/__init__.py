@@ -1,6 +1,5 @@
 """Training strategies: BaseTrainer subclasses that change how a step learns."""
 
-import warnings
 from typing import Any
 
 from .class_vectors import class_vectors, min_pairwise_angle
@@ -53,8 +52,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # `StepInfo` was PhaseStep's name; it read like the trainer's `step_info` dict.
-    if name == "StepInfo":
-        warnings.warn("StepInfo is deprecated: it is now called PhaseStep", DeprecationWarning, stacklevel=2)
-        return PhaseStep
+    if name == "StepInfo":  # PhaseStep's old name: the phase package warns and gives it
+        from . import phase
+
+        return phase.StepInfo
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
