@@ -1,5 +1,6 @@
 """Built-in hooks. Order in the trainer's list never matters: see `BaseHook.priority`."""
 
+from . import metrics  # noqa: F401 - moved to mini_trainer.metrics; `hooks.metrics` still resolves
 from .base import HOOK_EVENTS, BaseHook
 from .checkpointing import CheckpointingHook
 from .ema import EmaHook

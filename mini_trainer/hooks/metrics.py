@@ -1,5 +1,5 @@
 """Moved to `mini_trainer.metrics` (the trainer uses it too); these names still import from here."""
 
-from ..metrics import LATEST_KEYS, RESERVED_NAMES, STEP_KEYS, StepMetrics
+from ..metrics import LATEST_KEYS, RESERVED_NAMES, STEP_KEYS, MetricMeans, StepMetrics
 
-__all__ = ["LATEST_KEYS", "RESERVED_NAMES", "STEP_KEYS", "StepMetrics"]
+__all__ = ["LATEST_KEYS", "RESERVED_NAMES", "STEP_KEYS", "MetricMeans", "StepMetrics"]
