@@ -99,16 +99,11 @@ def main() -> None:
         optimizer = torch.optim.Adam(model.parameters(), **cfg["optimizer"])
         loader = tensor_loader(x, y, batch_size=cfg["batch_size"], seed=cfg["seed"])
         criterion = nn.CrossEntropyLoss(reduction="none")  # one loss per character
+        # Both arms train the same model from the same start on the same data.
+        common = dict(model=model, optimizer=optimizer, data_loader=loader, device="cpu", seed=cfg["seed"],
+                      grad_clip=1.0)
         if not repair:
-            trainer = BaseTrainer(
-                model=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                device="cpu",
-                seed=cfg["seed"],
-                grad_clip=1.0,
-                forward_fn=lambda m, b: F.cross_entropy(m(b[0]).transpose(1, 2), b[1]),
-            )
+            trainer = BaseTrainer(**common, forward_fn=lambda m, b: F.cross_entropy(m(b[0]).transpose(1, 2), b[1]))
             trainer.fit(steps=cfg["steps"])
             return held_out_loss(model), model, {}
         calls = iter(range(10**9))
@@ -119,14 +114,7 @@ def main() -> None:
 
         trigger = LossStdTrigger(GeneratorProvider(generate), LossStdConfig(**cfg["trigger"]))
         trainer = SurpriseRepairTrainer(
-            model=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            device="cpu",
-            seed=cfg["seed"],
-            grad_clip=1.0,
-            criterion=lambda logits, targets: criterion(logits.transpose(1, 2), targets),
-            trigger=trigger,
+            **common, criterion=lambda logits, targets: criterion(logits.transpose(1, 2), targets), trigger=trigger
         )
         trainer.fit(steps=cfg["steps"])
         return held_out_loss(model), model, {"fired": trigger.fired, "injected": trigger.injected, "seen": trigger.seen}
