@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .utils import check_int
+
 __all__ = [
     "PARALLELISM",
     "INIT_TIMEOUT",
@@ -241,6 +243,7 @@ def default_fsdp_units(model: nn.Module) -> list[nn.Module]:
 def check_process_limit(owner: str, limit: int | None, reason: str) -> None:
     """NotImplementedError before anything is built when this launch has more processes than
     `owner` (a trainer class) supports, with `reason` (its `max_processes_reason`)."""
+    check_int(f"{owner}.max_processes", limit, minimum=1, allow_none=True)
     world = launched_world()  # known under torchrun before the process group exists
     if limit is not None and world > limit:
         allowed = "one process" if limit == 1 else f"at most {limit} processes"

@@ -41,7 +41,7 @@ from .precision import resolve_device
 from .rng import rng_state, seed_everything, set_rng_state
 from .state import optimizer_state_by_index, optimizer_state_by_name  # noqa: F401 - importable from here, as before
 from .stream import TrainerEvents
-from .utils import create_directory, unwrap
+from .utils import check_choice, create_directory, unwrap
 
 __all__ = ["END_OF_DATA", "BaseTrainer", "NonFiniteGradientError", "resolve_device", "rng_state", "seed_everything",
            "set_rng_state"]
@@ -156,6 +156,7 @@ class BaseTrainer:
 
     def given(self, name: str, *, required: bool = False) -> Any:
         """The ready object passed to the constructor as `name` (`required`: or a clear error)."""
+        check_choice("given(name)", name, tuple(self._given))
         value = self._given[name]
         if value is None and required:
             raise NotImplementedError(f"{type(self).__name__} has no {name}: pass {name}=... to the constructor "

@@ -308,3 +308,26 @@ def test_component_arguments(factory, exc, match):
 def test_key_average_rejects(records, exc, match):
     with pytest.raises(exc, match=match):
         key_average(records)
+
+
+def test_given_names_the_objects_it_knows():
+    trainer = make_trainer(max_steps=1)
+    assert trainer.given("lr_scheduler") is None
+    with pytest.raises(ValueError, match=r"given\(name\) must be one of 'model', 'optimizer'.*got 'modle'"):
+        trainer.given("modle")
+
+
+def test_a_strategy_process_limit_must_be_a_positive_count():
+    class Broken(BaseTrainer):
+        max_processes = 0
+
+    with pytest.raises(ValueError, match=r"Broken\.max_processes must be .*>= 1"):
+        Broken(model=nn.Linear(1, 1), device="cpu").build()
+
+
+def test_fit_collectors_attach_only_to_known_events():
+    from mini_trainer.hooks.base import HookDispatcher
+
+    with pytest.raises(ValueError, match=r"event must be one of 'on_before_train'.*got 'on_after_stpe'"):
+        with HookDispatcher().added("on_after_stpe", lambda trainer: None):
+            pass

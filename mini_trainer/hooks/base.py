@@ -16,6 +16,8 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..utils import check_choice
+
 if TYPE_CHECKING:
     from ..trainer import BaseTrainer
 
@@ -159,6 +161,7 @@ class HookDispatcher:
     @contextlib.contextmanager
     def added(self, event: str, function: Callable[..., Any]) -> Iterator[None]:
         """Call `function(trainer, *args)` on `event`, after the hooks, inside the block."""
+        check_choice("event", event, HOOK_EVENTS)
         methods = self._methods[event]
         methods.append(function)
         try:
