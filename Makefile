@@ -25,7 +25,7 @@ $(DEMO_STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 # own torch requirement from pulling another build.
 $(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[examples,dev,bench,lm,stream]"
+	$(PY) -m pip install -q -e ".[examples,dev,bench,lm,stream,tensorboard]"
 	$(PY) -m pip install -q --no-deps --ignore-requires-python fitstream==0.4.1
 	touch $(DEMO_STAMP) $(STAMP)
 

@@ -10,11 +10,13 @@ from .config import load_config
 from .hooks import (
     BaseHook,
     CheckpointingHook,
+    CsvLoggerHook,
     CudaMaxMemoryHook,
     EmaHook,
     ImageFileLoggerHook,
     LoggingHook,
     ProgressHook,
+    TensorBoardHook,
     WandbHook,
 )
 from .trainer import BaseTrainer, NonFiniteGradientError
@@ -34,6 +36,8 @@ __all__ = [
     "CudaMaxMemoryHook",
     "WandbHook",
     "ImageFileLoggerHook",
+    "TensorBoardHook",
+    "CsvLoggerHook",
     "REGISTRY",
     "Registry",
     "build_from_cfg",
