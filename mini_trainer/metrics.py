@@ -4,8 +4,10 @@
   transfer (and, distributed, one all-reduce) per `compute()`.
 - `key_average`: averages of nested dicts of numbers / 0-d tensors, one host transfer.
 - `StepMetrics`: an interval's worth of `trainer.step_info`, kept by reference (no tensor
-  work in the step) and reduced with one stack per metric.
-- `average_records` / `mean_loss`: a step's micro-step records and losses, on the device.
+  work in the step) and reduced with one stack per metric; it also derives the interval's
+  throughput (`samples_per_s`, `tokens_per_s`, `mfu`: see docs/throughput.md).
+- `average_records` / `mean_loss`: a step's micro-step records and losses, on the device
+  (a `tokens` record is a count: summed over the micro-steps, not averaged).
 - `check_forward_output`: what `forward` must return, checked with errors that say the fix.
 """
 
@@ -23,12 +25,15 @@ from .utils import flatten_dict, map_nested_tensor, unflatten_dict
 __all__ = [
     "ForwardOutput",
     "LATEST_KEYS",
+    "RATE_KEYS",
     "RESERVED_NAMES",
     "STEP_KEYS",
+    "SUMMED_RECORDS",
     "MetricMeans",
     "StepMetrics",
     "average_records",
     "check_forward_output",
+    "count_samples",
     "key_average",
     "mean_loss",
 ]
@@ -148,6 +153,13 @@ class MetricMeans:
             return state.host_sum / state.host_count if state.host_count else math.nan
         return (state.dev_sum + state.host_sum) / (state.dev_count + state.host_count)
 
+    def device_sum(self, name: str) -> Any:
+        """The sum of the finite values of `name`, like `device_mean` (no host sync)."""
+        state = self._states[name]
+        if state.pending:
+            state.fold_pending()
+        return state.host_sum if state.dev_sum is None else state.dev_sum + state.host_sum
+
     def add_nested(self, records: Mapping, prefix: str = "") -> None:
         for name, value in flatten_dict(records, prefix=prefix).items():
             self.add(name, value)
@@ -224,14 +236,24 @@ def _round_float(value: float) -> float:
 #: What `BaseTrainer.forward` returns: a scalar loss (or None) and a dict of records.
 ForwardOutput = tuple["torch.Tensor | None", Mapping[str, Any]]
 
-#: step_info entries averaged over an interval (others are ignored).
-STEP_KEYS = ("loss", "grad_norm", "data_time", "step_time", "retries")
+#: step_info entries averaged over an interval (others, e.g. an evaluation's "eval", are
+#: ignored). `samples`: this rank's samples in the step (every micro-batch); `flops`: the
+#: step's FLOPs on this device, set by `MfuHook`.
+STEP_KEYS = ("loss", "grad_norm", "data_time", "step_time", "retries", "samples", "flops")
 
-#: step_info entries reported as their latest value in an interval (a rate, a running peak).
-LATEST_KEYS = ("lr", "max_memory", "max_rss")
+#: step_info entries reported as their latest value in an interval (a rate, a running peak,
+#: the device's peak FLOP/s).
+LATEST_KEYS = ("lr", "max_memory", "max_rss", "peak_flops")
+
+#: What `StepMetrics.compute` derives from the above and the `tokens` record.
+RATE_KEYS = ("samples_per_s", "tokens_per_s", "mfu")
+
+#: Records that are counts, not means: summed over a step's micro-steps by `average_records`
+#: (then averaged over steps like any record). `tokens` stays a name `forward` may return.
+SUMMED_RECORDS = frozenset({"tokens"})
 
 #: Names the trainer and these reports use themselves; user records may not take them.
-RESERVED_NAMES = frozenset({*STEP_KEYS, *LATEST_KEYS, "wall_time", "micro_steps", "skipped"})
+RESERVED_NAMES = frozenset({*STEP_KEYS, *LATEST_KEYS, *RATE_KEYS, "wall_time", "micro_steps", "skipped"})
 
 
 class StepMetrics:
@@ -284,14 +306,62 @@ class StepMetrics:
 
     def compute(self, sync: bool = False) -> dict[str, Any]:
         """Nested `{name: mean}`, plus the latest `lr` (and peak memory when a memory hook
-        reports it) and `wall_time` per step."""
+        reports it), `wall_time` (seconds per step over the interval) and the throughput:
+
+        - `samples_per_s`: mean samples per step x world size / `wall_time`: all ranks
+          together. With `sync=True` the mean is over every rank's steps; without, this
+          rank's figure stands for each rank's.
+        - `tokens_per_s`: the same from the `tokens` record, when `forward` returns one.
+        - `mfu`: mean `flops` per step / `wall_time` / `peak_flops`: per device (the
+          average over devices with `sync=True`), when `MfuHook` runs.
+
+        A rate is left out when its count is missing, not finite or not positive (e.g. a
+        batch whose size the trainer could not read). Derived from the sums already kept:
+        no other device read or collective than the one of `MetricMeans.compute`."""
         self._fold()
         values = unflatten_dict(self.means.compute(sync=sync))
         for key, value in self.latest.items():
             values[key] = float(value)
         if self.steps:
             values["wall_time"] = (time.perf_counter() - self.started) / self.steps
+            values.update(_rates(values, values["wall_time"]))
         return values
+
+
+def _rates(values: Mapping[str, Any], wall_time: float) -> dict[str, float]:
+    """`samples_per_s`, `tokens_per_s` and `mfu` from an interval's means (see `StepMetrics.compute`)."""
+    from .distributed import get_world_size
+
+    def positive(key: str) -> float | None:
+        value = values.get(key)  # a nested dict (records under "tokens") is not a count
+        return value if isinstance(value, float) and math.isfinite(value) and value > 0 else None
+
+    if not wall_time > 0:
+        return {}
+    rates: dict[str, float] = {}
+    world = get_world_size()
+    for count, rate in (("samples", "samples_per_s"), ("tokens", "tokens_per_s")):
+        per_step = positive(count)
+        if per_step is not None:
+            rates[rate] = per_step * world / wall_time
+    flops, peak = values.get("flops"), positive("peak_flops")
+    if isinstance(flops, float) and math.isfinite(flops) and peak is not None:
+        rates["mfu"] = flops / wall_time / peak
+    return rates
+
+
+def count_samples(batch: Any) -> int:
+    """The number of samples in `batch`: the first dimension of its first tensor (inside
+    dicts, lists, tuples), read from the shape on the host (no device sync). 0 when the
+    batch holds no tensor with a dimension."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 0
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        found = count_samples(value)
+        if found:
+            return found
+    return 0
 
 
 def mean_loss(losses: list[torch.Tensor]) -> torch.Tensor | None:
@@ -304,7 +374,9 @@ def mean_loss(losses: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def average_records(all_records: list[Mapping[str, Any]]) -> Mapping[str, Any]:
-    """A step's micro-step records averaged key by key (NaN/inf skipped), on the device."""
+    """A step's micro-step records averaged key by key (NaN/inf skipped), on the device.
+    Counts (`SUMMED_RECORDS`: a top-level `tokens`) are summed instead: the step's tokens
+    are those of all its micro-batches."""
     if len(all_records) == 1:
         return all_records[0]
     columns: dict[str, list[Any]] = {}
@@ -315,7 +387,7 @@ def average_records(all_records: list[Mapping[str, Any]]) -> Mapping[str, Any]:
     for key, values in columns.items():
         means = MetricMeans()
         means.extend(key, values)
-        averaged[key] = means.device_mean(key)
+        averaged[key] = means.device_sum(key) if key in SUMMED_RECORDS else means.device_mean(key)
     return unflatten_dict(averaged)
 
 

@@ -82,3 +82,25 @@ def test_the_finite_check_is_one_scalar_read_per_step(host_reads):
     per_step = _train(host_reads, 4, grad_clip=1.0)  # default: checked, no retries
     assert per_step == [["__float__"]] * 4
     assert {file for name, file, _ in host_reads if name == "__float__"} == {"trainer.py"}
+
+
+def test_no_host_reads_per_step_with_mfu_and_a_tokens_record(host_reads):
+    import io
+
+    from mini_trainer import MfuHook
+
+    def forward(model, batch):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        # a count on the device, as a tokenizer's attention mask sum would be
+        return loss, {"tokens": (x != 0).sum(), "mae": (model(x) - y).abs().mean().detach()}
+
+    probe = PerStepReads(host_reads)
+    hooks = [ProgressHook(interval=5, file=io.StringIO()), LoggingHook(interval=5),
+             MfuHook(flops_per_token=1e6, peak_flops=1e12), probe]
+    trainer = make_trainer(regression_batches(18, 8), optimizer="adam", lr=1e-2, hooks=hooks, max_steps=6,
+                           forward_fn=forward, grad_clip=1.0, max_non_finite_grad_retries=None,
+                           gradient_accumulation_steps=3)
+    trainer.train()
+    # Samples, tokens, FLOPs and MFU ride on the interval's one transfer per hook.
+    assert probe.per_step == [[], [], [], [], ["tolist", "tolist"], []]

@@ -1,5 +1,6 @@
 """Built-in hooks. Order in the trainer's list never matters: see `BaseHook.priority`."""
 
+from ..throughput import MfuHook
 from . import metrics  # noqa: F401 - moved to mini_trainer.metrics; `hooks.metrics` still resolves
 from .base import HOOK_EVENTS, BaseHook
 from .checkpointing import CheckpointingHook
@@ -21,6 +22,7 @@ __all__ = [
     "EmaHook",
     "ImageFileLoggerHook",
     "LoggingHook",
+    "MfuHook",
     "ProgressHook",
     "TensorBoardHook",
     "WandbHook",

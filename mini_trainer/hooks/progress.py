@@ -6,7 +6,15 @@
 `step` is the wall-clock time per optimizer step over the interval (on CUDA this includes
 kernels still queued when the step returned, unlike `step_info["step_time"]`), `data` the
 time spent waiting for batches, `eta` the remaining time extrapolated from the steps after
-`eta_warmup` (so compilation and warm-up do not inflate it).
+`eta_warmup` (so compilation and warm-up do not inflate it). `samples/s` and `tokens/s`
+(all ranks together) and `mfu` (per device, with `MfuHook`) follow when known; see
+docs/throughput.md.
+
+Evaluation results that a hook running before this one (e.g. `EvalHook`) leaves in
+`trainer.step_info["eval"]` (`{"val/loss": 0.12, ...}`), after a step or at the end of
+training, get a line of their own, once per results dict:
+
+    Step 300/1200: eval val/loss 0.1234 val/accuracy 0.9600
 """
 
 from __future__ import annotations
@@ -64,6 +72,9 @@ class ProgressHook(BaseHook):
         self.bar = bar
         self._metrics = StepMetrics()
         self._tqdm: Any = None
+        # The results dict printed last, by identity: it stays in step_info until the next
+        # step, and an end-of-training evaluation brings a new one.
+        self._last_eval: Any = None
 
     def on_before_train(self, trainer: BaseTrainer) -> None:
         self._metrics.reset()
@@ -73,6 +84,7 @@ class ProgressHook(BaseHook):
         )
         self._out = self.file or sys.stdout
         self._tqdm = None
+        self._last_eval = None
         use_bar = self.bar if self.bar is not None else _isatty(self._out)
         if use_bar and is_main_process():
             from tqdm.auto import tqdm
@@ -93,10 +105,12 @@ class ProgressHook(BaseHook):
             self._eta_anchor = (trainer.step, time.perf_counter())
         if trainer.step % self.interval == 0:
             self._report(trainer)
+        self._report_eval(trainer)
 
     def on_after_train(self, trainer: BaseTrainer) -> None:
         if self._metrics.steps:
             self._report(trainer)
+        self._report_eval(trainer)
         self._close()
 
     def on_exception(self, trainer: BaseTrainer, error: BaseException) -> None:
@@ -118,9 +132,25 @@ class ProgressHook(BaseHook):
         if self._tqdm is not None:
             self._tqdm.set_postfix_str(text, refresh=True)
         else:
-            total = trainer.estimated_total_steps()
-            where = f"Step {trainer.step}/{total}" if total else f"Step {trainer.step}"
-            print(f"{where}: {text}", file=self._out, flush=True)
+            print(f"{self._where(trainer)}: {text}", file=self._out, flush=True)
+
+    def _report_eval(self, trainer: BaseTrainer) -> None:
+        results = trainer.step_info.get("eval")
+        if results is None or results is self._last_eval:
+            return
+        self._last_eval = results
+        if not is_main_process() or not isinstance(results, Mapping) or not results:
+            return
+        text = " ".join(f"{k} {_fmt(v)}" for k, v in flatten_dict(results).items())
+        line = f"{self._where(trainer)}: eval {text}"
+        if self._tqdm is not None:
+            self._tqdm.write(line, file=self._out)  # above the bar, which is redrawn below it
+        else:
+            print(line, file=self._out, flush=True)
+
+    def _where(self, trainer: BaseTrainer) -> str:
+        total = trainer.estimated_total_steps()
+        return f"Step {trainer.step}/{total}" if total else f"Step {trainer.step}"
 
     def _eta(self, trainer: BaseTrainer) -> float | None:
         total = trainer.estimated_total_steps()
@@ -143,6 +173,12 @@ class ProgressHook(BaseHook):
                 parts.append(f"{key} {_fmt(values[key])}")
         if "lr" in values:
             parts.append(f"lr {values['lr']:.2e}")
+        if "samples_per_s" in values:
+            parts.append(f"samples/s {_si(values['samples_per_s'])}")
+        if "tokens_per_s" in values:
+            parts.append(f"tokens/s {_si(values['tokens_per_s'])}")
+        if "mfu" in values:
+            parts.append(f"mfu {100 * values['mfu']:.1f}%")
         for key in ("max_memory", "max_rss"):
             if key in values:
                 parts.append(f"{key} {values[key]:.2f}GiB")
@@ -160,6 +196,15 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float) and math.isfinite(value) and value != 0 and abs(value) < 1e-3:
         return f"{value:.3e}"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _si(value: float) -> str:
+    """3 significant digits with a k/M/G/T suffix: 1234.5 -> '1.23k'."""
+    for suffix in ("", "k", "M", "G"):
+        if abs(value) < 999.5:  # .3g would round 999.5 up to '1e+03'
+            return f"{value:.3g}{suffix}"
+        value /= 1000
+    return f"{value:.3g}T"
 
 
 def _isatty(stream: Any) -> bool:
