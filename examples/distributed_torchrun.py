@@ -35,4 +35,4 @@ if __name__ == "__main__":
     results = trainer.evaluate()  # every rank takes part (FSDP2 gathers weights in forward)
     if distributed.is_main_process():
         print(f"processes {distributed.get_world_size()} parallel {trainer.parallel}")
-        print(f"test_accuracy {results['test_accuracy']:.4f}")
+        print(f"test_accuracy {results['test/accuracy']:.4f}")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .evaluation import check_eval_loaders
 from .utils import check_directory_path, check_int, check_number
 
 __all__ = [
@@ -48,6 +49,7 @@ def check_trainer_arguments(args: Mapping[str, Any]) -> None:
     check_optional_type("model", args["model"], nn.Module)
     check_optional_type("optimizer", args["optimizer"], torch.optim.Optimizer)
     check_optional_type("grad_scaler", args["grad_scaler"], torch.amp.GradScaler)
+    check_eval_loaders(args["eval_loaders"], "eval_loaders")
     if not isinstance(args["compile"], (bool, Mapping)):
         raise TypeError(f"compile must be a bool or a dict of torch.compile keywords; got {args['compile']!r}")
     forward_fn = args["forward_fn"]

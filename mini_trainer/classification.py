@@ -2,8 +2,8 @@
 
 It is what `configs/digits_mlp.py` runs, and a worked example of the subclass API: each
 `build_*` builds one thing from its `*_cfg` dict (see `mini_trainer.builder`), `forward`
-returns the loss plus an accuracy record that stays on the device, and `evaluate()` scores
-every held-out split with one host transfer at the end.
+returns the loss plus an accuracy record that stays on the device, and `BaseTrainer.evaluate()`
+scores every held-out split (`val/loss`, `test/accuracy`, ...) as exact means over samples.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
 from .builder import REGISTRY, build_from_cfg, resolve_type
 from .data import split_train_loader
 from .trainer import BaseTrainer
-from .utils import check_number, eval_mode
+from .utils import check_number
 
 
 @REGISTRY.register()
@@ -31,7 +30,8 @@ class ClassificationTrainer(BaseTrainer):
         model_cfg: config of the model (or a ready `nn.Module`).
         optimizer_cfg: config of the optimizer, built with `params=model.parameters()`.
         data_cfg: config of a loader, or of a callable returning `{"train": loader,
-            <split>: loader, ...}`; the other splits are scored by `evaluate()`.
+            <split>: loader, ...}`; the other splits are the `eval_loaders` that `evaluate()`
+            and `EvalHook` score.
         lr_scheduler_cfg: optional scheduler config, built with `optimizer=`; a scheduler
             that takes `total_steps` gets `estimated_total_steps()` unless the config sets it.
         label_smoothing: passed to `F.cross_entropy`.
@@ -62,7 +62,7 @@ class ClassificationTrainer(BaseTrainer):
         self.data_cfg = data_cfg
         self.lr_scheduler_cfg = lr_scheduler_cfg
         self.label_smoothing = label_smoothing
-        self.eval_loaders: dict[str, Iterable] = {}
+        self._held_out: dict[str, Iterable] = {}
 
     def build_model(self) -> nn.Module:
         if isinstance(self.model_cfg, nn.Module):
@@ -87,8 +87,12 @@ class ClassificationTrainer(BaseTrainer):
         return build_from_cfg(cfg, optimizer=self.optimizer)
 
     def build_data_loader(self) -> Iterable:
-        train, self.eval_loaders = split_train_loader(build_from_cfg(self.data_cfg), "data_cfg")
+        train, self._held_out = split_train_loader(build_from_cfg(self.data_cfg), "data_cfg")
         return train
+
+    def build_eval_loaders(self) -> Mapping[str, Iterable] | None:
+        """`eval_loaders=` when given, else data_cfg's splits other than "train"."""
+        return self.given("eval_loaders") or self._held_out or None
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs, labels = batch
@@ -96,44 +100,6 @@ class ClassificationTrainer(BaseTrainer):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         accuracy = (logits.argmax(dim=-1) == labels).float().mean()
         return loss, {"accuracy": accuracy.detach()}
-
-    @torch.no_grad()
-    def evaluate(self, loaders: Mapping[str, Iterable] | None = None,
-                 model: nn.Module | None = None) -> dict[str, float]:
-        """`{"<split>_loss": ..., "<split>_accuracy": ...}` for every held-out split
-        (summed over all ranks when distributed). `model` scores another model than the
-        one trained, e.g. `EmaHook.ema_model`. The model is in eval mode meanwhile, and every
-        submodule gets its own mode back afterwards."""
-        self.build()
-        loaders = self.eval_loaders if loaders is None else loaders
-        model = self.model if model is None else model
-        device = next(model.parameters(), torch.empty(0, device=self.device)).device
-        totals = []
-        with eval_mode(model):
-            for loader in loaders.values():
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                correct = torch.zeros((), dtype=torch.float64, device=device)
-                count = 0
-                for inputs, labels in loader:
-                    inputs = inputs.to(device, non_blocking=True)
-                    labels = labels.to(device, non_blocking=True)
-                    with self.autocast():
-                        logits = model(inputs)
-                    loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-                    correct += (logits.argmax(dim=-1) == labels).sum()
-                    count += labels.numel()
-                count_t = torch.tensor(float(count), dtype=torch.float64, device=device)
-                totals.append(torch.stack([loss_sum, correct, count_t]))
-        if not totals:
-            return {}
-        stacked = torch.stack(totals)
-        if distributed.is_distributed():
-            stacked = distributed.all_reduce_sum(stacked.to(distributed.collective_device()))
-        results: dict[str, float] = {}
-        for name, (loss_sum, correct, count) in zip(loaders, stacked.tolist(), strict=True):  # one row per split
-            results[f"{name}_loss"] = loss_sum / max(count, 1)
-            results[f"{name}_accuracy"] = correct / max(count, 1)
-        return results
 
 
 def _parameters(factory: Any) -> set[str]:

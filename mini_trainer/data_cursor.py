@@ -98,10 +98,14 @@ class DataCursor:
                     "restarted (a generator?); use a re-iterable loader such as a DataLoader"
                 ) from None
         self.batch_in_epoch += 1
-        if self._device is not None:
-            device = self._device
-            batch = map_nested_tensor(lambda t: t.to(device, non_blocking=True), batch)
-        return batch
+        return self.to_device(batch)
+
+    def to_device(self, batch: Any) -> Any:
+        """`batch` with every tensor in it copied to the device (non-blocking; as is on the CPU)."""
+        if self._device is None:
+            return batch
+        device = self._device
+        return map_nested_tensor(lambda t: t.to(device, non_blocking=True), batch)
 
     def roll_over(self) -> None:
         """Count the current epoch as done; the next batch starts the next one."""
@@ -137,6 +141,13 @@ class DataCursor:
             return None
         batches_left = (max_epochs - self.epoch) * per_epoch - self.batch_in_epoch
         return math.ceil(max(batches_left, 0) / accumulation)
+
+    def total_steps(self, step: int, max_steps: int | None, max_epochs: int | None, accumulation: int) -> int | None:
+        """The step a run at `step` ends at: `max_steps`, or the steps `max_epochs` amount to
+        when the loader has a length (the first of the two; None: unknown)."""
+        left = self.steps_left(max_epochs, accumulation)
+        estimates = [n for n in (max_steps, None if left is None else step + left) if n is not None]
+        return min(estimates, default=None)
 
     def _start_epoch(self) -> Iterator:
         """Tell samplers which epoch this is (so shuffles differ per epoch), then iterate."""

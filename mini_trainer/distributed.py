@@ -225,6 +225,16 @@ def is_fsdp2(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in inner.modules())
 
 
+def module_for_evaluation(model: nn.Module) -> nn.Module:
+    """The module evaluation runs forwards on: DDP's inner module (DDP's own forward may
+    broadcast buffers, a collective that ranks with different numbers of evaluation batches
+    would not all reach); any other model as it is (FSDP2 needs its all-gathers)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = getattr(model, "_orig_mod", model)  # through torch.compile
+    return inner.module if isinstance(inner, DistributedDataParallel) else model
+
+
 def default_fsdp_units(model: nn.Module) -> list[nn.Module]:
     """The submodules that get their own `fully_shard` by default: the items of the
     outermost `nn.ModuleList`/`nn.Sequential` that hold parameters (a transformer's blocks,
@@ -400,8 +410,8 @@ def union_of_names(names: list[str]) -> list[str]:
         return list(names)
     gathered: list[list[str] | None] = [None] * get_world_size()
     dist.all_gather_object(gathered, list(names))
-    merged = dict.fromkeys(names)
-    for other in gathered:
+    merged: dict[str, None] = {}
+    for other in gathered:  # in rank order, the same on every rank (own names first would not be)
         merged.update(dict.fromkeys(other or []))
     return list(merged)
 

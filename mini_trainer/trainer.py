@@ -31,12 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed, gradients, precision, state
+from . import distributed, evaluation, gradients, precision, state
 from .arguments import STILL_RUNNING, check_built, check_run_arguments, check_scheduler, check_trainer_arguments
 from .data_cursor import END_OF_DATA, DataCursor, cursor_field
+from .evaluation import check_eval_loaders
 from .gradients import NonFiniteGradientError
 from .hooks.base import BaseHook, HookDispatcher
-from .metrics import ForwardOutput, StepMetrics, average_records, check_forward_output, mean_loss
+from .metrics import ForwardOutput, StepMetrics, average_records, check_forward_output, count_samples, mean_loss
 from .precision import resolve_device
 from .rng import rng_state, seed_everything, set_rng_state
 from .state import optimizer_state_by_index, optimizer_state_by_name  # noqa: F401 - importable from here, as before
@@ -53,15 +54,14 @@ class BaseTrainer:
 
     Args:
         max_steps / max_epochs: steps / passes over the data to train for (first one ends it).
-        grad_clip: clip the global gradient norm to this value (None: no clipping).
+        grad_clip: clip the global gradient norm (None: no clipping).
         max_non_finite_grad_retries: redo a step whose gradients are NaN/inf with fresh batches
             up to this many times, then raise `NonFiniteGradientError` (None: no check).
         mixed_precision: "fp16", "bf16", "auto" or None; gradient_accumulation_steps: N.
         workspace: directory for run files; device: "auto" (cuda > mps > cpu) or a device.
-        parallelism, fsdp_units, parallel_kwargs, no_sync_accumulate, state_dict_options:
-            several processes under torchrun (DDP by default; docs/distributed.md).
-        logger, seed (seeds everything before building), compile (`torch.compile` the model).
-        model, optimizer, data_loader, lr_scheduler, grad_scaler, hooks, forward_fn: ready objects.
+        parallelism, fsdp_units, parallel_kwargs, no_sync_accumulate, state_dict_options,
+            logger, seed, compile: docs/trainer.md and docs/distributed.md.
+        model, optimizer, data_loader, eval_loaders, lr_scheduler, grad_scaler, hooks, forward_fn: ready objects.
 
     Attributes: `step`, `epoch`, `batch_in_epoch`, `model`, `optimizer`, `lr_scheduler`,
     `grad_scaler`, `data_loader`, `hooks`, `device`, `step_info` (this step's loss, records,
@@ -94,6 +94,7 @@ class BaseTrainer:
         model: nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         data_loader: Iterable | None = None,
+        eval_loaders: Iterable | Mapping[str, Iterable] | None = None,
         lr_scheduler: Any = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         hooks: Sequence[BaseHook] | None = None,
@@ -112,12 +113,14 @@ class BaseTrainer:
         self.no_sync_accumulate, self.state_dict_options = bool(no_sync_accumulate), state_dict_options
         self.logger = logger or logging.getLogger("mini_trainer")
         self.seed, self.compile, self.forward_fn = seed, compile, forward_fn
-        self._given = {"model": model, "optimizer": optimizer, "data_loader": data_loader, "lr_scheduler": lr_scheduler,
-                       "grad_scaler": grad_scaler, "hooks": list(hooks) if hooks is not None else None}
+        self._given = {"model": model, "optimizer": optimizer, "data_loader": data_loader, "eval_loaders": eval_loaders,
+                       "lr_scheduler": lr_scheduler, "grad_scaler": grad_scaler,
+                       "hooks": list(hooks) if hooks is not None else None}
         self.step, self.micro_step = 0, 0  # optimizer steps done; the micro-batch within the step
         self.step_info: dict[str, Any] = {}
         self.should_stop = False
         self.data_cursor = DataCursor(None, self.device, self.logger)  # epoch, batch_in_epoch, iterator
+        self.eval_loaders: dict[str, Iterable] = {}  # what evaluate() scores: {split: loader}
         self.model: nn.Module = None  # type: ignore[assignment]
         self.optimizer: torch.optim.Optimizer = None  # type: ignore[assignment]
         self.lr_scheduler: Any = None
@@ -141,6 +144,11 @@ class BaseTrainer:
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer over `self.model`'s parameters (the model is built first)."""
         return self.given("optimizer", required=True)
+
+    def build_eval_loaders(self) -> Iterable | Mapping[str, Iterable] | None:
+        """The held-out splits `evaluate()` scores, `{"val": loader, ...}` (one loader is the split
+        "val"), or None; every rank gets the same loaders (docs/evaluation.md)."""
+        return self.given("eval_loaders")
 
     def build_lr_scheduler(self) -> Any:
         """An LR scheduler stepped once per optimizer step, or None."""
@@ -183,10 +191,9 @@ class BaseTrainer:
             model, self.parallelism, self.device, fsdp_units=self.fsdp_units, parallel_kwargs=self.parallel_kwargs,
             optimizer_given=self._given["optimizer"] is not None)
         self._grads_agree = self._world == 1 or distributed.is_wrapped(self.model)
-        self.optimizer = check_built("build_optimizer()", self.build_optimizer(), torch.optim.Optimizer,
-                                "a torch.optim.Optimizer")
-        self.data_cursor.loader = check_built("build_data_loader()", self.build_data_loader(), Iterable,
-                                         "an iterable of batches")
+        self.optimizer = check_built("build_optimizer()", self.build_optimizer(), torch.optim.Optimizer, "an Optimizer")
+        self.data_cursor.loader = check_built("build_data_loader()", self.build_data_loader(), Iterable, "an iterable")
+        self.eval_loaders = check_eval_loaders(self.build_eval_loaders(), "build_eval_loaders()") or {}
         self.lr_scheduler = check_scheduler(self.build_lr_scheduler())
         self.grad_scaler = self.build_grad_scaler()
         self._build_hooks()
@@ -252,26 +259,15 @@ class BaseTrainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            hooks.before_train(self, after_restoring=lambda: self._set_relative_limits(epochs, steps))
-            while not self._finished():
-                done = self.step
-                self.run_step()
-                if self.step > done:  # not when the data ran out before a step could be taken
-                    yield
-        except GeneratorExit:
-            # The consumer of events() stopped asking (take, early_stop, a break) between two
-            # steps: an ordinary end, so the final checkpoint and logs are written.
-            hooks.after_train(self, self.logger)
-            raise
-        except BaseException as error:
-            # Every hook flushes and releases what it holds (metrics, progress bar, files,
-            # signal handlers, the directory lock), even if one of them fails; the error wins.
-            hooks.call_each("on_exception", self, error, logger=self.logger, return_first=False)
-            if not isinstance(error, SystemExit):  # a preemption's exit is agreed by all ranks; errors are not
-                distributed.note_failed_run()
-            raise
-        else:
-            hooks.after_train(self, self.logger)
+            # Every hook hears how the run ended: on_after_train for a reached limit, a stop or
+            # a closed events() stream; on_exception (each hook, even if one fails) for an error.
+            with hooks.running(self, self.logger):
+                hooks.before_train(self, after_restoring=lambda: self._set_relative_limits(epochs, steps))
+                while not self._finished():
+                    done = self.step
+                    self.run_step()
+                    if self.step > done:  # not when the data ran out before a step could be taken
+                        yield
         finally:
             self._running = False
             if epochs is not None or steps is not None:
@@ -299,9 +295,8 @@ class BaseTrainer:
 
     def estimated_total_steps(self) -> int | None:
         """`max_steps`, or the steps `max_epochs` amount to when the loader has a length."""
-        left = self.data_cursor.steps_left(self.max_epochs, self.gradient_accumulation_steps)
-        estimates = [n for n in (self.max_steps, None if left is None else self.step + left) if n is not None]
-        return min(estimates, default=None)
+        cursor, accumulation = self.data_cursor, self.gradient_accumulation_steps
+        return cursor.total_steps(self.step, self.max_steps, self.max_epochs, accumulation)
 
     # ======================================================================= the step
 
@@ -333,8 +328,8 @@ class BaseTrainer:
 
     def accumulate_gradients(self, info: dict[str, Any]) -> bool:
         """The step's micro-steps (next_batch -> forward under autocast -> backward); `loss`,
-        `records`, `micro_steps` go into `info`. False when no batch was left."""
-        n, losses, all_records = self.gradient_accumulation_steps, [], []
+        `records`, `micro_steps`, `samples` go into `info`. False when no batch was left."""
+        n, losses, all_records, samples = self.gradient_accumulation_steps, [], [], 0
         synced = n == 1 or not self.no_sync_accumulate
         for micro_step in range(n):
             self.micro_step = micro_step
@@ -343,6 +338,7 @@ class BaseTrainer:
             info["data_time"] += time.perf_counter() - fetch_start
             if batch is END_OF_DATA:
                 break
+            samples += count_samples(batch)  # from the shape: no device read
             # All-reducing gradients is only useful once they are complete: on the last
             # micro-step, or on the last batch of training when the data ends mid-step.
             sync = micro_step == n - 1 or not self.no_sync_accumulate or self.data_cursor.is_last_batch(self.max_epochs)
@@ -360,7 +356,7 @@ class BaseTrainer:
             gradients.finish_accumulation(self.model, self.optimized_params, len(losses), n, synced)
         info["loss"] = mean_loss(losses)
         info["records"] = average_records(all_records)
-        info["micro_steps"] = len(losses)
+        info["micro_steps"], info["samples"] = len(losses), samples
         return True
 
     def next_batch(self) -> Any:
@@ -431,6 +427,28 @@ class BaseTrainer:
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context `forward` runs in: use it for a strategy's extra forward passes."""
         return self._autocast_factory()
+
+    # ======================================================================= evaluation
+
+    def eval_forward(self, batch: Any) -> Mapping[str, Any]:
+        """The records of one evaluation batch (numbers or 0-d tensors; a `samples` count
+        overrides the batch size as its weight): by default forward's loss as `loss` and its records."""
+        loss, records = check_forward_output(self.forward(batch), type(self).__name__)
+        return {"loss": loss, **records} if loss is not None else dict(records)
+
+    def evaluate(
+        self, loaders: Iterable | Mapping[str, Iterable] | None = None, model: nn.Module | None = None
+    ) -> dict[str, float]:
+        """`{"<split>/<metric>": mean over samples}` of `eval_forward` on every split of `loaders`
+        (default `eval_loaders`), under no_grad, autocast and eval mode, over all ranks.
+        `model`: score other weights (e.g. `EmaHook.ema_model`; `self.model` is it meanwhile).
+        The global RNG is left as it was: evaluating never changes the training."""
+        self.build()
+        loaders = self.eval_loaders if loaders is None else check_eval_loaders(loaders, "evaluate(loaders)")
+        with evaluation.scoring(self, model), self.autocast():
+            return evaluation.evaluate_loaders(loaders, self.eval_forward, to_device=self.data_cursor.to_device,
+                                               lockstep=self.parallel == "fsdp" and model is None,
+                                               owner=type(self).__name__)
 
     # ======================================================================= state
 

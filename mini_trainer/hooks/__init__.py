@@ -6,6 +6,7 @@ from .base import HOOK_EVENTS, BaseHook
 from .checkpointing import CheckpointingHook
 from .csv_logger import CsvLoggerHook
 from .ema import EmaHook
+from .evaluation import EarlyStoppingHook, EvalHook
 from .images import ImageFileLoggerHook
 from .logging import LoggingHook
 from .memory import CudaMaxMemoryHook
@@ -19,7 +20,9 @@ __all__ = [
     "CheckpointingHook",
     "CsvLoggerHook",
     "CudaMaxMemoryHook",
+    "EarlyStoppingHook",
     "EmaHook",
+    "EvalHook",
     "ImageFileLoggerHook",
     "LoggingHook",
     "MfuHook",

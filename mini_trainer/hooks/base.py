@@ -159,6 +159,28 @@ class HookDispatcher:
             raise error
 
     @contextlib.contextmanager
+    def running(self, trainer: BaseTrainer, logger: logging.Logger) -> Iterator[None]:
+        """Around a run: `on_after_train` when the block ends normally or by GeneratorExit (an
+        events() stream closed between two steps: an ordinary end, so the final checkpoint
+        and logs are written); `on_exception` on every hook when it raises, each hook
+        flushing and releasing what it holds (metrics, progress bar, files, signal handlers,
+        the directory lock) even if another fails; the error is raised again."""
+        try:
+            yield
+        except GeneratorExit:
+            self.after_train(trainer, logger)
+            raise
+        except BaseException as error:
+            self.call_each("on_exception", trainer, error, logger=logger, return_first=False)
+            if not isinstance(error, SystemExit):  # a preemption's exit is agreed by all ranks; errors are not
+                from .. import distributed
+
+                distributed.note_failed_run()
+            raise
+        else:
+            self.after_train(trainer, logger)
+
+    @contextlib.contextmanager
     def added(self, event: str, function: Callable[..., Any]) -> Iterator[None]:
         """Call `function(trainer, *args)` on `event`, after the hooks, inside the block."""
         check_choice("event", event, HOOK_EVENTS)

@@ -47,8 +47,8 @@ class EmaHook(BaseHook):
     `hook.ema_model(inputs)`; it is in eval mode and needs no gradients.
     """
 
-    # Update before the checkpointing hook saves this step (it runs at priority 100).
-    priority = {"on_after_step": 50, "default": 0}
+    # Update before EvalHook (5) scores the average and the checkpointing hook (100) saves it.
+    priority = {"on_after_step": 1, "default": 0}
 
     def __init__(
         self,

@@ -220,15 +220,19 @@ class SpelaTrainer(BaseTrainer):
         super().__init__(**kwargs)
         self._layer_params: list[list[nn.Parameter]] = []
         self._layer_norms: list[torch.Tensor] = []
-        self.eval_loaders: dict[str, Iterable] = {}
+        self._held_out: dict[str, Iterable] = {}
 
     # ------------------------------------------------------------------ build
 
     def build_data_loader(self) -> Iterable:
         """`data_loader` may also be `{"train": loader, <split>: loader, ...}` (what
         `digits_loaders` returns): training uses "train", `evaluate()` the other splits."""
-        train, self.eval_loaders = split_train_loader(self.given("data_loader", required=True), "data_loader")
+        train, self._held_out = split_train_loader(self.given("data_loader", required=True), "data_loader")
         return train
+
+    def build_eval_loaders(self) -> Mapping[str, Iterable] | None:
+        """`eval_loaders=` when given, else the splits of `data_loader` other than "train"."""
+        return self.given("eval_loaders") or self._held_out or None
 
     def build_model(self) -> nn.Module:
         if self._user_layers is not None:
