@@ -11,6 +11,9 @@
                                model and optimizer as `torch.distributed.checkpoint` wrote
                                them, one file per rank, hashed in the manifest like the rest
     <root>/latest              one line: the name of the newest complete checkpoint
+    <root>/best                one line: the name of the best checkpoint by an evaluation
+                               result (`CheckpointingHook(keep_best=...)`); its manifest
+                               records the metric, mode and value, and that step's results
     <root>/.lock               held (flock) by the run writing here
 
 The modules: `format` (state <-> JSON skeleton + tensors), `safetensors_io` (the files),
@@ -31,11 +34,13 @@ from .loading import (
     latest_checkpoint,
     load_checkpoint,
     read_checkpoint,
+    read_pointer,
 )
 from .lock import DirectoryLock, prepare_directory
 from .safetensors_io import read_safetensors, write_safetensors
 from .sharded import load_sharded, read_dcp_metadata, save_sharded
 from .writing import (
+    BEST,
     FORMAT,
     FORMAT_VERSION,
     LATEST,
@@ -52,9 +57,11 @@ from .writing import (
     remove_temporaries,
     save_checkpoint,
     write_checkpoint,
+    write_pointer,
 )
 
 __all__ = [
+    "BEST",
     "DEFAULT_FILE",
     "DTYPES",
     "FORMAT",
@@ -83,6 +90,7 @@ __all__ = [
     "prune_checkpoints",
     "read_checkpoint",
     "read_dcp_metadata",
+    "read_pointer",
     "read_safetensors",
     "remove_temporaries",
     "save_checkpoint",
@@ -90,5 +98,6 @@ __all__ = [
     "split_state",
     "write_checkpoint",
     "write_file",
+    "write_pointer",
     "write_safetensors",
 ]

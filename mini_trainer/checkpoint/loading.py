@@ -116,7 +116,7 @@ def latest_checkpoint(
     """`find_latest`, returning a `LoadedCheckpoint`."""
     root = Path(root)
     candidates = [directory for _, directory in reversed(list_checkpoints(root))]
-    pointer = _read_latest(root)
+    pointer = read_pointer(root, LATEST)
     if pointer is not None and pointer not in candidates and (pointer / MANIFEST).exists():
         candidates.insert(0, pointer)  # a renamed or non-standard checkpoint named by `latest`
     skipped: dict[str, str] = {}
@@ -149,9 +149,11 @@ def _check(loaded: LoadedCheckpoint, check: StateCheck) -> None:
         raise CheckpointError(f"{loaded.path}: {err}") from None
 
 
-def _read_latest(root: Path) -> Path | None:
-    """The directory `root/latest` names, if that is a plain name of a real directory."""
-    latest = root / LATEST
+def read_pointer(root: str | os.PathLike, pointer: str = LATEST) -> Path | None:
+    """The directory `root/<pointer>` (`latest`, `best`) names, if that is a plain name
+    that is not a symbolic link (None otherwise; loading verifies the directory itself)."""
+    root = Path(root)
+    latest = root / pointer
     try:
         if stat.S_ISLNK(os.lstat(latest).st_mode):
             logger.warning(

@@ -31,12 +31,13 @@ FORMAT = "mini_trainer.checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
+BEST = "best"  # names the best checkpoint by an evaluation result (CheckpointingHook(keep_best=...))
 SHARDED_DIR = "sharded"
 STEP_DIR = re.compile(r"^step_(\d+)(\.replaced-[0-9a-f]+)?$")
 # What writers leave while they work: `.tmp-<name>-<pid>-<hex>` (a checkpoint being
-# assembled) and `.latest.tmp-<pid>-<hex>`, owned by the process `pid`; `.trash-*` (a
-# checkpoint being deleted) belongs to nobody.
-_TEMPORARY = re.compile(r"^\.(tmp-.+|latest\.tmp)-(\d{1,10})-[0-9a-f]+$")
+# assembled) and `.latest.tmp-<pid>-<hex>` / `.best.tmp-...`, owned by the process `pid`;
+# `.trash-*` (a checkpoint being deleted) belongs to nobody.
+_TEMPORARY = re.compile(r"^\.(tmp-.+|latest\.tmp|best\.tmp)-(\d{1,10})-[0-9a-f]+$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -62,6 +63,8 @@ class PreparedCheckpoint:
         epoch: Any,
         directories: tuple[str, ...] = (),
     ) -> None:
+        #: extra manifest entries, e.g. {"metrics": {...}, "best": {...}} (JSON-safe values)
+        self.manifest_extra: dict[str, Any] = {}
         self.skeleton = skeleton
         self.tensors = tensors
         self.step = step
@@ -175,6 +178,7 @@ def _write_checkpoint(prepared: PreparedCheckpoint, root: Path, name: str, fsync
             "files": {file: {"sha256": digest, "bytes": size} for file, (digest, size) in sorted(written.items())},
             "directories": directories,
             "state": prepared.skeleton,
+            **prepared.manifest_extra,
         }
         manifest["checksum"] = manifest_checksum(manifest)  # the manifest is checked too, not just the files
         write_file(temporary / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False), fsync=fsync)
@@ -204,6 +208,15 @@ def _write_checkpoint(prepared: PreparedCheckpoint, root: Path, name: str, fsync
     if displaced is not None:
         _remove(displaced)
     return final
+
+
+def write_pointer(root: str | os.PathLike, pointer: str, checkpoint: Path | None, *, fsync: bool = True) -> None:
+    """Point `root/<pointer>` (`LATEST`, `BEST`) at `checkpoint` atomically (None removes it)."""
+    path = Path(root) / pointer
+    if checkpoint is None:
+        path.unlink(missing_ok=True)
+        return
+    write_file(path, checkpoint.name + "\n", fsync=fsync, atomic=True)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -15,17 +15,18 @@ import concurrent.futures
 import logging
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import checkpoint, distributed
 from ..builder import REGISTRY
-from ..utils import check_int, check_number, in_workspace
+from ..utils import check_choice, check_int, check_number, in_workspace
 from .base import BaseHook
+from .best_checkpoint import STATE_KEY as BEST_STATE_KEY
+from .best_checkpoint import BestCheckpoint, step_metrics
+from .exit_signals import ExitSignals, check_exit_signals
 
 if TYPE_CHECKING:
     from ..trainer import BaseTrainer
@@ -51,6 +52,8 @@ class CheckpointingHook(BaseHook):
         load: where to resume from when training starts (a relative path is taken from the
             current directory, unlike `path`).
             "latest": the newest valid checkpoint in `path` (none: start from scratch).
+            "best": the checkpoint `<path>/best` names (see `keep_best`), e.g. to evaluate
+            or fine-tune the best weights of a finished run.
             a path (a checkpoint directory, another run's checkpoint directory, or a
             `.pt` state dict): start from it, unless `path` already holds a checkpoint of
             this run, which then wins, so a preempted job restarted with the same command
@@ -79,6 +82,11 @@ class CheckpointingHook(BaseHook):
             step waits only for the copy; the cost is host memory for one more copy of the
             state. One save is in flight at a time; training's end, a signal exit and the
             next save wait for it, and a failed background write is raised there.
+        keep_best: an evaluation result to keep the best checkpoint by, e.g. "val/loss"
+            (an `EvalHook` must produce it). After each evaluation that improves on it,
+            that step is saved, `<path>/best` names it, pruning never removes it, and its
+            manifest records the metric and value. `load="best"` resumes from it.
+        best_mode: "min" (lower is better) or "max".
     """
 
     # Restore before any other hook starts (progress and ETA then see the resumed step);
@@ -99,6 +107,8 @@ class CheckpointingHook(BaseHook):
         fsync: bool = True,
         async_save: bool = False,
         sharded: bool = False,
+        keep_best: str | None = None,
+        best_mode: str = "min",
     ) -> None:
         check_int("CheckpointingHook.interval", interval, minimum=1, allow_none=True)
         check_int("CheckpointingHook.keep_previous", keep_previous, minimum=1)
@@ -109,17 +119,7 @@ class CheckpointingHook(BaseHook):
             raise TypeError(
                 f"CheckpointingHook.load must be 'latest', a path or None; got {type(load).__name__} {load!r}"
             )
-        if isinstance(exit_signals, (int, str)) or not all(
-            isinstance(s, int) and not isinstance(s, bool) for s in exit_signals
-        ):
-            raise TypeError(
-                "CheckpointingHook.exit_signals must be a list of signal numbers (e.g. [signal.SIGTERM]); "
-                f"got {exit_signals!r}"
-            )
-        valid = set(signal.valid_signals())
-        for signum in exit_signals:
-            if signum not in valid or signum in (signal.SIGKILL, getattr(signal, "SIGSTOP", -1)):
-                raise ValueError(f"CheckpointingHook.exit_signals: {signum!r} is not a signal that can be caught")
+        signals = check_exit_signals(exit_signals)
         if exit_code != _EXIT_CODE_FROM_SIGNAL:
             check_int("CheckpointingHook.exit_code", exit_code, minimum=0)
             if exit_code > 255:
@@ -136,6 +136,10 @@ class CheckpointingHook(BaseHook):
                 raise TypeError(f"CheckpointingHook.{flag} must be True or False; got {type(value).__name__} {value!r}")
         if async_save and sharded:
             raise ValueError("CheckpointingHook: async_save=True with sharded=True is not supported; choose one")
+        check_choice("CheckpointingHook.best_mode", best_mode, ("min", "max"))
+        if keep_best is not None and (not isinstance(keep_best, str) or not keep_best):
+            raise TypeError(f"CheckpointingHook.keep_best must be an evaluation result such as 'val/loss', or None; "
+                            f"got {keep_best!r}")
         check_number("CheckpointingHook.exit_wait", exit_wait, allow_none=False)
         if exit_wait < 0:
             raise ValueError(f"CheckpointingHook.exit_wait must be >= 0 seconds; got {exit_wait!r}")
@@ -145,21 +149,22 @@ class CheckpointingHook(BaseHook):
         self.keep_interval = keep_interval
         self.path = Path(path)
         self.load = load
-        self.exit_signals = [signal.Signals(s) for s in exit_signals]
+        self.exit_signals = signals
         self.exit_code = exit_code
         self.exit_wait = float(exit_wait)
         self.save_at_end = bool(save_at_end)
         self.fsync = bool(fsync)
         self.async_save = bool(async_save)
         self.sharded = bool(sharded)
+        self.keep_best, self.best_mode = keep_best, best_mode
+        self.best = BestCheckpoint(keep_best, best_mode) if keep_best is not None else None
 
         self.directory: Path | None = None  # `path` resolved against the workspace
         self.last_saved: Path | None = None
         self.resumed_from: Path | None = None
         self._started = False  # resume only on the first train() of this hook
         self._last_saved_step: int | None = None
-        self._signal: int | None = None
-        self._previous_handlers: dict[int, Any] = {}
+        self._signals = ExitSignals(signals)
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future | None = None
         self._staging = checkpoint.StagingBuffers()
@@ -169,6 +174,8 @@ class CheckpointingHook(BaseHook):
     # ------------------------------------------------------------------ events
 
     def on_before_train(self, trainer: BaseTrainer) -> None:
+        if self.best is not None:
+            self.best.check_hooks(trainer)
         self.directory = self._resolve(trainer)
         # Before any training time is spent: a directory we cannot write would lose the
         # whole run at its first save; one that another run writes would mix the two.
@@ -176,7 +183,7 @@ class CheckpointingHook(BaseHook):
         if not self._started:
             self._started = True
             self._resume(trainer)
-        self._install_signal_handlers()
+        self._signals.install()
 
     def _claim_directory(self) -> None:
         if not distributed.is_main_process():
@@ -193,31 +200,33 @@ class CheckpointingHook(BaseHook):
             self._lock.release()
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
-        signum = self._agreed_signal()
-        if signum or (self.interval is not None and trainer.step % self.interval == 0):
+        signum = self._signals.agreed()
+        new_best = self.best is not None and self.best.judge(trainer)  # every rank: same results
+        if signum or new_best or (self.interval is not None and trainer.step % self.interval == 0):
             self.save(trainer)
         if signum:
             self._exit(trainer, signum)
 
     def on_after_train(self, trainer: BaseTrainer) -> None:
         try:
-            if self.save_at_end and trainer.step != self._last_saved_step:
+            new_best = self.best is not None and self.best.judge(trainer)  # an evaluation at the end
+            if new_best or (self.save_at_end and trainer.step != self._last_saved_step):
                 self.save(trainer)
-            signum = self._agreed_signal()
+            signum = self._signals.agreed()
             if signum:  # arrived after the last step: the final checkpoint above has it all
                 if trainer.step != self._last_saved_step:
                     self.save(trainer)
                 self._exit(trainer, signum)
             self.wait()  # training is over when its last checkpoint is on disk
         finally:
-            self._restore_signal_handlers()
+            self._signals.restore()
             self._staging = checkpoint.StagingBuffers()  # give the copy's memory back between runs
             self._release_directory()
 
     def on_exception(self, trainer: BaseTrainer, error: BaseException) -> None:
         # No new save: a step that raised may have left the state half-updated. A save in
         # flight holds a consistent earlier snapshot: let it land.
-        self._restore_signal_handlers()
+        self._signals.restore()
         try:
             self.wait()
         except Exception as write_error:  # noqa: BLE001 - the training error is the one to raise
@@ -247,7 +256,7 @@ class CheckpointingHook(BaseHook):
         def write_on_main() -> Path | None:
             if not distributed.is_main_process():
                 return None
-            prepared = checkpoint.prepare_checkpoint(state, self._extra_files(trainer))
+            prepared = self._prepare(trainer, state)
             if not self.async_save:
                 return self._write(prepared, directory, started)
             prepared = self._staging.stage(prepared)  # from here on training may change the state
@@ -275,7 +284,7 @@ class CheckpointingHook(BaseHook):
         def write_on_main() -> Path | None:
             if not main:
                 return None
-            prepared = checkpoint.prepare_checkpoint(state, self._extra_files(trainer))
+            prepared = self._prepare(trainer, state)
             prepared.directories = (checkpoint.SHARDED_DIR,)
             return self._write(prepared, directory, started, temporary=temporary)
 
@@ -294,10 +303,31 @@ class CheckpointingHook(BaseHook):
             checkpoint.remove_temporaries(directory, keep=temporary)  # what a killed run left behind
             self._cleaned = True
         written = checkpoint.write_checkpoint(prepared, directory, fsync=self.fsync, temporary=temporary)
-        checkpoint.prune_checkpoints(directory, self.keep_previous, self.keep_interval, protect=[written])
+        if "best" in prepared.manifest_extra:  # only once the checkpoint is complete on disk
+            checkpoint.write_pointer(directory, checkpoint.BEST, written, fsync=self.fsync)
+        best = checkpoint.read_pointer(directory, checkpoint.BEST)
+        protect = [written] if best is None else [written, best]
+        checkpoint.prune_checkpoints(directory, self.keep_previous, self.keep_interval, protect=protect)
         self.last_saved = written
         logger.info("saved checkpoint %s in %.2fs", written, time.perf_counter() - started)
         return written
+
+    def _prepare(self, trainer: BaseTrainer, state: dict[str, Any]) -> checkpoint.PreparedCheckpoint:
+        """The state split for writing, with this step's evaluation results (and, for the
+        best checkpoint, the monitored metric) for the manifest."""
+        prepared = checkpoint.prepare_checkpoint(state, self._extra_files(trainer))
+        prepared.manifest_extra.update(step_metrics(trainer))
+        if self.best is not None and self.best.is_best(trainer.step):
+            prepared.manifest_extra.update(self.best.manifest_entry())
+        return prepared
+
+    def on_state_dict(self, trainer: BaseTrainer, state_dict: dict[str, Any]) -> None:
+        if self.best is not None:
+            state_dict["hooks"][BEST_STATE_KEY] = self.best.state()
+
+    def on_load_state_dict(self, trainer: BaseTrainer, state_dict: Mapping[str, Any]) -> None:
+        if self.best is not None:
+            self.best.restore(state_dict)
 
     @staticmethod
     def _extra_files(trainer: BaseTrainer) -> dict[str, str]:
@@ -318,7 +348,15 @@ class CheckpointingHook(BaseHook):
     def _resolve(self, trainer: BaseTrainer) -> Path:
         return in_workspace(trainer.workspace, self.path)
 
-    def _resume(self, trainer: BaseTrainer) -> None:
+    def restore_best(self, trainer: BaseTrainer) -> Path:
+        """Load the best checkpoint (`<path>/best`, see `keep_best`) into `trainer`, e.g. to
+        evaluate the best weights after training; every rank calls it. Returns its directory."""
+        self.directory = self.directory or self._resolve(trainer)
+        self._resume(trainer, self._best_source)
+        assert self.resumed_from is not None
+        return self.resumed_from
+
+    def _resume(self, trainer: BaseTrainer, choose: Callable[[BaseTrainer], Any] | None = None) -> None:
         """Rank 0 chooses what to resume from (verifying it) and tells the others, so that
         every rank loads the same checkpoint even if one of them sees the files change."""
         assert self.directory is not None
@@ -327,7 +365,7 @@ class CheckpointingHook(BaseHook):
         error: Exception | None = None
         if distributed.is_main_process():
             try:
-                choice, loaded = self._choose_source(trainer)
+                choice, loaded = (choose or self._choose_source)(trainer)
             except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
                 if not distributed.is_distributed():
                     raise
@@ -356,6 +394,10 @@ class CheckpointingHook(BaseHook):
         else:
             trainer.load_state_dict(state)
         self.resumed_from = source
+        if self.best is not None and kind != "own":
+            self.best.forget()  # another run's best is not a checkpoint in this directory
+        elif self.best is not None and distributed.is_main_process():
+            self.best.reconcile(self.directory)
         logger.info("resumed from %s at step %d (epoch %d)", source, trainer.step, trainer.epoch)
 
     def _choose_source(self, trainer: BaseTrainer) -> tuple[tuple[str, str | None], checkpoint.LoadedCheckpoint | None]:
@@ -373,17 +415,25 @@ class CheckpointingHook(BaseHook):
                 )
             return ("none", None), None
 
-        def fits(state: Any) -> None:
-            trainer.check_state_dict(state, sharded=bool(state.get("sharded")))
-
-        own = checkpoint.latest_checkpoint(self.directory, sharded=self.sharded, check=fits)
+        if self.load == "best":
+            return self._best_source(trainer)
+        own = checkpoint.latest_checkpoint(self.directory, sharded=self.sharded, check=_fits(trainer))
         if own is not None:
             return ("own", str(own.path)), own
         if self.load != "latest":
-            loaded = checkpoint.read_checkpoint(Path(self.load), sharded=self.sharded, check=fits)
+            loaded = checkpoint.read_checkpoint(Path(self.load), sharded=self.sharded, check=_fits(trainer))
             return ("load", str(loaded.path)), loaded
         logger.info("no checkpoint in %s: starting from scratch", self.directory)
         return ("none", None), None
+
+    def _best_source(self, trainer: BaseTrainer) -> tuple[tuple[str, str | None], checkpoint.LoadedCheckpoint]:
+        assert self.directory is not None
+        best = checkpoint.read_pointer(self.directory, checkpoint.BEST)
+        if best is None:
+            raise checkpoint.CheckpointError(
+                f"load='best': {self.directory} has no `best` file naming a checkpoint (keep_best was not set, "
+                "or no evaluation finished)")
+        return ("own", str(best)), checkpoint.read_checkpoint(best, sharded=self.sharded, check=_fits(trainer))
 
     @staticmethod
     def _load_shards(trainer: BaseTrainer, loaded: checkpoint.LoadedCheckpoint) -> None:
@@ -397,33 +447,6 @@ class CheckpointingHook(BaseHook):
         trainer.load_state_dict({**loaded.state, **shards}, sharded=True)
 
     # ------------------------------------------------------------------ signals
-
-    def _install_signal_handlers(self) -> None:
-        if self._previous_handlers:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            logger.warning("CheckpointingHook: training runs outside the main thread; exit_signals are not handled")
-            return
-        for signum in self.exit_signals:
-            if signal.getsignal(signum) is signal.SIG_IGN:
-                continue  # ignored on purpose by whoever started us (e.g. SIGINT for `cmd &`)
-            # A bound method, not a closure made in this loop: each signal is recorded as itself.
-            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self._signal is None:
-            self._signal = signum
-        previous = self._previous_handlers.get(signum)
-        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-
-    def _restore_signal_handlers(self) -> None:
-        for signum, previous in self._previous_handlers.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous_handlers = {}
-
-    def _agreed_signal(self) -> int:
-        """The signal to act on now; in a distributed run, any rank's signal stops all."""
-        return distributed.agree_max(self._signal or 0)
 
     def _exit(self, trainer: BaseTrainer, signum: int) -> None:
         self.wait()
@@ -439,9 +462,14 @@ class CheckpointingHook(BaseHook):
         if not distributed.barrier(timeout=self.exit_wait):
             logger.warning("other ranks did not reach the exit within %.0fs; exiting anyway", self.exit_wait)
         trainer.should_stop = True
-        self._signal = None  # handled: a later train() in this process starts clean
-        self._restore_signal_handlers()
+        self._signals.received = None  # handled: a later train() in this process starts clean
+        self._signals.restore()
         raise SystemExit(code)
+
+
+def _fits(trainer: BaseTrainer) -> Callable[[Any], None]:
+    """A check that a checkpoint's state fits `trainer` (CheckpointError otherwise)."""
+    return lambda state: trainer.check_state_dict(state, sharded=bool(state.get("sharded")))
 
 
 def _agreed(action: Callable[[], _T]) -> _T:
