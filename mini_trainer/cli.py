@@ -17,12 +17,14 @@ from . import __version__, distributed
 from .builder import build_from_cfg
 from .checkpoint import CheckpointDirectoryError, CheckpointError
 from .config import load_config, parse_override
-from .hooks import EmaHook
+from .hooks import CheckpointingHook, EmaHook
+from .plot import add_plot_command, run_plot
 
 DESCRIPTION = """\
 mini_trainer command line.
 
   mini-trainer train configs/digits_mlp.py trainer.max_steps=500 trainer.optimizer_cfg.lr=3e-3
+  mini-trainer plot runs/digits_mlp -o curves.png
 
 A config is a Python file; its `trainer` entry is built with mini_trainer.builder and
 trained. Extra modules that register your own classes go in the config's `imports` list.
@@ -36,7 +38,9 @@ Python literals (1e-3, [64, 64], None, 'text'); anything else is a string. List 
 are addressed by index: trainer.hooks.0.interval=5.
 
 After training, a trainer with an evaluate() method is evaluated and each result is
-printed as a line `name value` (e.g. `test_accuracy 0.9750`) and logged to metrics.jsonl.
+printed as a line `<split>_<metric> value` (e.g. `test_accuracy 0.9750`) and logged to
+metrics.jsonl (as `test/accuracy`). When a CheckpointingHook keeps the best checkpoint
+(keep_best=...), the best weights are loaded first and a line says which step they are.
 """
 
 
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Python logging level"
     )
+    add_plot_command(commands)
     return parser
 
 
@@ -73,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "plot":
+        return run_plot(args)
     # Under torchrun every rank would print the same warnings: the others show errors only.
     level = args.log_level if os.environ.get("RANK", "0") == "0" else "ERROR"
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -123,16 +130,31 @@ def run_train(cfg: dict[str, Any], evaluate: bool = True) -> int:
         print(f"mini-trainer: error: {_message(err)}", file=sys.stderr)
         return 1 if started else 2
     if evaluate and callable(getattr(trainer, "evaluate", None)):
-        results = trainer.evaluate()
+        _load_best(trainer)
+        results: dict[str, float] = {}
         for hook in getattr(trainer, "hooks", []):
             if isinstance(hook, EmaHook) and hook.ema_model is not None:  # also score the averaged weights
                 results.update({f"{hook.name}_{k}": v for k, v in trainer.evaluate(model=hook.ema_model).items()})
+        results.update(trainer.evaluate())  # the trained weights' results come last
         if results:
             trainer.log(results, dry_run=not distributed.is_main_process())
             if distributed.is_main_process():
                 for name, value in results.items():
-                    print(f"{name} {value:.4f}", flush=True)
+                    # `test_accuracy 0.9750`: one word per result, as scripts grep it
+                    print(f"{name.replace('/', '_')} {value:.4f}", flush=True)
     return 0
+
+
+def _load_best(trainer: Any) -> None:
+    """Load the best checkpoint when a CheckpointingHook keeps one (every rank does)."""
+    for hook in getattr(trainer, "hooks", []):
+        if isinstance(hook, CheckpointingHook) and hook.best is not None and hook.best.tracker.best_step is not None:
+            path = hook.restore_best(trainer)
+            if distributed.is_main_process():
+                tracker = hook.best.tracker
+                print(f"best checkpoint: {path} (step {trainer.step}, {tracker.monitor} {tracker.best:.4f})",
+                      flush=True)
+            return
 
 
 def _usage_error(message: str) -> int:

@@ -66,6 +66,8 @@ def test_console_script_help():
 
 @pytest.mark.slow
 def test_train_digits_end_to_end(tmp_path):
+    """The main job: train with evaluation on a validation split every 50 steps, keep the
+    best checkpoint, then score the best weights on the untouched test split."""
     proc = run_cli(
         "train",
         CONFIG,
@@ -76,39 +78,47 @@ def test_train_digits_end_to_end(tmp_path):
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     lines = proc.stdout.strip().splitlines()
 
-    progress = [line for line in lines if line.startswith("Step ")]
+    progress = [line for line in lines if line.startswith("Step ") and ": eval " not in line]
     assert [line.split(":")[0] for line in progress] == ["Step 100/300", "Step 200/300", "Step 300/300"]
-    assert all(" loss " in line for line in progress)
+    assert all(" loss " in line and " samples/s " in line for line in progress)
+    evaluations = [line for line in lines if ": eval " in line]
+    assert [line.split(":")[0] for line in evaluations] == [f"Step {s}/300" for s in range(50, 301, 50)]
+    assert all(re.search(r" val/loss \d\.\d{4} val/accuracy 0\.\d{4}$", line) for line in evaluations)
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val/loss"] for r in records if "val/loss" in r and "test/loss" not in r}
+    assert sorted(val) == list(range(50, 301, 50))
+    best_step = min(val, key=val.get)
+    best = [line for line in lines if line.startswith("best checkpoint: ")]
+    assert best == [f"best checkpoint: {tmp_path}/checkpoints/step_{best_step:09d} "
+                    f"(step {best_step}, val/loss {val[best_step]:.4f})"]
 
     match = re.search(r"^test_accuracy (0\.\d{4})$", proc.stdout, re.M)
-    assert match, proc.stdout
+    assert match and lines[-1] == match.group(0), proc.stdout  # the best weights' test accuracy ends it
     assert float(match.group(1)) > 0.9
-    assert re.match(r"^ema_test_accuracy 0\.\d{4}$", lines[-1]), lines[-1]  # the config's EmaHook, scored too
+    assert any(re.match(r"^ema_test_accuracy 0\.\d{4}$", line) for line in lines)  # the EmaHook, scored too
     assert any(re.match(r"^test_loss \d+\.\d{4}$", line) for line in lines)
+    # The final results are logged at the step of the weights they score (the best one).
+    final = [r for r in records if "test/accuracy" in r]
+    assert len(final) == 1 and final[0]["step"] == best_step
+    assert final[0]["test/accuracy"] == pytest.approx(float(match.group(1)), abs=1e-4)
+    assert final[0]["val/loss"] == pytest.approx(val[best_step], abs=1e-9)  # the same weights as then
 
-    metrics_path = tmp_path / "metrics.jsonl"
-    assert metrics_path.is_file()
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    assert records, "metrics.jsonl is empty"
-    steps = [r["step"] for r in records]
-    assert steps == sorted(steps), steps
-    train_records = [r for r in records if "loss" in r]
-    train_steps = [r["step"] for r in train_records]
+    train_steps = [r["step"] for r in records if "loss" in r]
     assert len(set(train_steps)) == len(train_steps) and train_steps == sorted(train_steps)
     assert train_steps[-1] == 300
-    eval_records = [r for r in records if "test_accuracy" in r]
-    assert len(eval_records) == 1
-    assert eval_records[0]["step"] == 300
-    assert eval_records[0]["test_accuracy"] == pytest.approx(float(match.group(1)), abs=1e-4)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000000300"]
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    # keep_previous=2 newest (saves at 300 and at each new best), and the best, never pruned
+    assert {f"step_{best_step:09d}", "step_000000300"} <= set(kept) and len(kept) <= 3, kept
+    assert (tmp_path / "checkpoints" / "best").read_text().strip() == f"step_{best_step:09d}"
 
-    # The same command with a bigger budget continues from the checkpoint.
+    # The same command with a bigger budget continues from the latest checkpoint (not the best).
     again = run_cli(
         "train", CONFIG, "trainer.max_steps=400", f"trainer.workspace={tmp_path}", "trainer.hooks.0.interval=100"
     )
     assert again.returncode == 0, again.stderr
-    assert [line.split(":")[0] for line in again.stdout.splitlines() if line.startswith("Step ")] == ["Step 400/400"]
-    assert records[-1] is eval_records[0]
+    steps = [line.split(":")[0] for line in again.stdout.splitlines() if line.startswith("Step ")]
+    assert steps == ["Step 350/400", "Step 400/400", "Step 400/400"]  # two evaluations, one progress line
     # nothing is written into the repository's default workspace by this run
     assert not (tmp_path / "runs").exists()
 

@@ -96,7 +96,7 @@ def test_logging_hook_without_workspace_writes_nothing(tmp_path, monkeypatch):
 
 LINE = re.compile(
     r"^Step (\d+)/(\d+): step \d+\.\d{4}s data \d+\.\d{4}s (eta \d+:\d\d:\d\d )?"
-    r"loss \S+ grad_norm \S+ lr \d\.\d\de[-+]\d\d \| mae \S+$"
+    r"loss \S+ grad_norm \S+ lr \d\.\d\de[-+]\d\d samples/s \S+ \| mae \S+$"
 )
 
 
