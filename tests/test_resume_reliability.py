@@ -111,6 +111,39 @@ def test_sigkill_at_six_points_then_resume_gives_identical_files(uninterrupted, 
     assert_same_final_files(uninterrupted, tmp_path)
 
 
+def evaluations(output: str) -> tuple[int, dict[int, str]]:
+    """(the step a run started from, {step: val/loss} of each evaluation it printed)."""
+    lines = output.splitlines()
+    start = next(int(line.split()[1]) for line in lines if line.startswith("start "))
+    return start, {int(line.split()[1]): line.split()[2] for line in lines if line.startswith("eval ")}
+
+
+def test_evaluation_schedule_and_results_survive_sigkills(uninterrupted, tmp_path):
+    """With an EvalHook (every 4 steps, every epoch's end, the end), runs killed mid-epoch,
+    right after an evaluation that was never checkpointed, and in an epoch's last step
+    evaluate on resume at exactly the uninterrupted run's steps with the same values, and
+    evaluating changes nothing in training: the final files equal those of a run without
+    evaluation."""
+    reference = tmp_path / "reference"
+    start, expected = evaluations(run(reference, "--eval").stdout)
+    # every 4 steps, and the steps that end epochs of 11 batches at 2 batches a step; the end is 28
+    assert start == 0 and sorted(expected) == [4, 6, 8, 11, 12, 16, 17, 20, 22, 24, 28, 30]
+    workspace = tmp_path / "killed"
+    seen: dict[int, str] = {}
+    for point in ("8:after", "13:fwd0", "17:fwd1"):
+        result = run(workspace, "--eval", "--interval", "3", "--kill", point, check_rc=-signal.SIGKILL)
+        start, got = evaluations(result.stdout)
+        step, phase = point.split(":")
+        done = int(step) if phase == "after" else int(step) - 1  # the last step that finished
+        assert got == {s: v for s, v in expected.items() if start < s <= done}, (point, got)
+        seen.update(got)
+    start, got = evaluations(run(workspace, "--eval", "--interval", "3").stdout)
+    assert got == {s: v for s, v in expected.items() if s > start}
+    assert seen | got == expected
+    assert_same_final_files(uninterrupted, workspace)
+    assert_same_final_files(uninterrupted, reference)
+
+
 def test_sigkill_with_asynchronous_saves(uninterrupted, tmp_path):
     # The background writer may be mid-write at any of these kills.
     for point in ("5:fwd0", "13:fwd1", "25:after"):

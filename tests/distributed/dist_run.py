@@ -20,8 +20,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from mini_trainer import BaseTrainer, CheckpointingHook, EmaHook, LoggingHook, ProgressHook, distributed
+from mini_trainer import (
+    BaseTrainer,
+    CheckpointingHook,
+    EarlyStoppingHook,
+    EmaHook,
+    EvalHook,
+    LoggingHook,
+    ProgressHook,
+    distributed,
+)
 from mini_trainer.data import tensor_loader
 from mini_trainer.hooks import BaseHook
 
@@ -56,6 +66,9 @@ parser.add_argument("--retries", type=int, default=2)
 parser.add_argument("--fail-write", type=int, default=None, help="RANK: writing a checkpoint fails there (disk full)")
 parser.add_argument("--events", type=int, default=None, help="no step limit: consume trainer.events() through take(N)")
 parser.add_argument("--device", default="cpu", help="cpu, or cuda: this rank's GPU (LOCAL_RANK) with NCCL")
+parser.add_argument("--eval", type=int, default=None, help="EvalHook(interval=N) on held-out splits (23, 7 samples)")
+parser.add_argument("--early-stop", default=None, help="PATIENCE:MIN_DELTA of an EarlyStoppingHook on val/loss")
+parser.add_argument("--keep-best", action="store_true", help="CheckpointingHook(keep_best='val/loss')")
 args = parser.parse_args()
 
 
@@ -90,7 +103,14 @@ def die_here(where):
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(1234)
 X = torch.randn(96, 8, generator=g)
-Y = (X @ torch.randn(8, 4, generator=g)).tanh() + 0.05 * torch.randn(96, 4, generator=g)
+W = torch.randn(8, 4, generator=g)
+Y = (X @ W).tanh() + 0.05 * torch.randn(96, 4, generator=g)
+# Held-out splits whose sizes divide neither by 2 ranks nor by their batch sizes: a
+# DataLoader of 23 samples in batches of 5 (5 batches), and a plain list of 7 single samples.
+VAL_X, TEST_X = torch.randn(23, 8, generator=g), torch.randn(7, 8, generator=g)
+VAL_Y, TEST_Y = (VAL_X @ W).tanh(), (TEST_X @ W).tanh()
+EVAL_LOADERS = {"val": DataLoader(TensorDataset(VAL_X, VAL_Y), batch_size=5),
+                "test": [(TEST_X[i : i + 1], TEST_Y[i : i + 1]) for i in range(7)]}
 
 
 class Run(BaseTrainer):
@@ -187,7 +207,7 @@ if KILL_AT:
 counts: list[int] = []
 seen: list[dict] = []
 hooks = [Faults()]
-if args.interval is not None or args.sharded or args.sigterm or args.sigkill:
+if args.interval is not None or args.sharded or args.sigterm or args.sigkill or args.keep_best:
     hooks.append(
         CheckpointingHook(
             interval=args.interval,
@@ -195,8 +215,14 @@ if args.interval is not None or args.sharded or args.sigterm or args.sigkill:
             load=None if args.load == "none" else args.load,
             sharded=args.sharded,
             exit_wait=20,
+            keep_best="val/loss" if args.keep_best else None,
         )
     )
+if args.eval:
+    hooks.append(EvalHook(interval=args.eval))
+if args.early_stop is not None:
+    patience, min_delta = args.early_stop.split(":")
+    hooks.append(EarlyStoppingHook(monitor="val/loss", patience=int(patience), min_delta=float(min_delta)))
 if args.ema:
     hooks.append(EmaHook(decay=0.9))
 if args.metrics:
@@ -213,6 +239,7 @@ trainer = Run(
     device="auto" if args.device == "cuda" else args.device,
     seed=0,
     hooks=hooks,
+    eval_loaders=EVAL_LOADERS,
 )
 if args.events:
     from mini_trainer.stream import collect, take
@@ -234,6 +261,9 @@ state = trainer.state_dict()
     "epoch": trainer.epoch,
     "comm_per_micro_step": counts,
     "seen": seen,
+    "evaluations": [[step, results] for hook in trainer.hooks if isinstance(hook, EvalHook)
+                    for step, results in hook.history],
+    "evaluate": trainer.evaluate(),  # every rank takes part
 }))
 if distributed.is_main_process():
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state["model"].items()}

@@ -127,6 +127,40 @@ def one_process_big_batch(tmp_path_factory) -> dict[str, torch.Tensor]:
     return weights(workspace)
 
 
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_evaluation_early_stopping_and_best_checkpoint_equal_one_process(tmp_path, parallelism):
+    """2 processes: evaluate() equals 1 process to 1e-6 on splits of 23 (batches of 5) and 7
+    samples; early stopping ends both ranks at the step one process stops at; the best
+    checkpoint is the same step (and val/loss) as in one process. Under FSDP2 ranks with
+    fewer evaluation batches keep joining the others' all-gathers."""
+    args = ["--steps", "60", "--eval", "3", "--early-stop", "1:0.002", "--keep-best"]
+    single(tmp_path / "one", *args, "--batch", "8")
+    torchrun(tmp_path / "two", *args, "--parallelism", parallelism)
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    two = ranks(tmp_path / "two")
+    assert one["step"] < 60, "early stopping must end the run for this test to mean something"
+    assert two[0]["step"] == two[1]["step"] == one["step"]
+    for rank in two:
+        assert [s for s, _ in rank["evaluations"]] == [s for s, _ in one["evaluations"]]
+        for (_, got), (_, expected) in zip(rank["evaluations"], one["evaluations"], strict=True):
+            assert got.keys() == expected.keys() == {"val/loss", "val/rank", "test/loss", "test/rank"}
+            assert all(abs(got[k] - expected[k]) < 1e-6 for k in ("val/loss", "test/loss")), (got, expected)
+            # forward's `rank` record, averaged over samples: the share of each split that rank 1
+            # scored (val: batches 1 and 3 of 5, 10 of 23 samples; test: 3 of 7), so every sample
+            # counted exactly once
+            assert (got["val/rank"], got["test/rank"]) == pytest.approx((10 / 23, 3 / 7), abs=1e-12)
+            assert (expected["val/rank"], expected["test/rank"]) == (0, 0)
+        assert all(abs(rank["evaluate"][k] - one["evaluate"][k]) < 1e-6 for k in ("val/loss", "test/loss"))
+    best_one = (tmp_path / "one" / "ckpt" / "best").read_text()
+    assert (tmp_path / "two" / "ckpt" / "best").read_text() == best_one
+    manifests = [json.loads((tmp_path / run / "ckpt" / best_one.strip() / "manifest.json").read_text())
+                 for run in ("one", "two")]
+    assert abs(manifests[0]["best"]["value"] - manifests[1]["best"]["value"]) < 1e-6
+    difference = max(abs(two[0]["evaluate"][k] - one["evaluate"][k]) for k in ("val/loss", "test/loss"))
+    print(f"{parallelism}: stopped at {one['step']}, best {best_one.strip()}, 1 vs 2 processes "
+          f"max |difference| {difference:.2e}")
+
+
 def test_trainer_events_under_ddp_stop_every_rank_at_the_same_step(tmp_path, one_process_big_batch):
     """No step limit: take(10) on the event stream ends the run on both ranks, which then
     write their final checkpoint together; the math is the one-process run's."""

@@ -5,12 +5,14 @@ whose epochs do not line up with the accumulation steps, an LR schedule, gradien
 AdamW state and an EMA. Usage:
 
     python resumable_run.py WORKSPACE [--steps N] [--interval K] [--kill STEP:PHASE]
-                            [--kill-after-fsync STEP:N] [--workers N] [--async-save]
+                            [--kill-after-fsync STEP:N] [--workers N] [--async-save] [--eval]
 
 --kill STEP:PHASE sends SIGKILL to this process during optimizer step STEP (1-based):
 PHASE "fwd0"/"fwd1" in the first/second micro-batch's forward, "after" once the step is
 done but before it is checkpointed. --kill-after-fsync STEP:N sends SIGKILL right after
 the N-th fsync while step STEP's checkpoint is written. Each finished step prints "step N".
+--eval adds an EvalHook (every 4 steps, at each epoch's end and at the end) on a held-out
+split; each evaluation prints "eval N <val/loss as a float's hex>", and a start "start N".
 """
 
 import argparse
@@ -19,8 +21,9 @@ import signal
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from mini_trainer import BaseTrainer, CheckpointingHook, EmaHook
+from mini_trainer import BaseTrainer, CheckpointingHook, EmaHook, EvalHook
 from mini_trainer.data import tensor_loader
 from mini_trainer.hooks import BaseHook
 from mini_trainer.schedules import warmup_cosine
@@ -36,6 +39,7 @@ parser.add_argument(
 parser.add_argument("--workers", type=int, default=0)
 parser.add_argument("--load", default="latest")
 parser.add_argument("--async-save", action="store_true")
+parser.add_argument("--eval", action="store_true")
 args = parser.parse_args()
 
 kill_step, kill_phase = (None, None)
@@ -91,18 +95,32 @@ class Resumable(BaseTrainer):
 
 
 class Markers(BaseHook):
-    priority = {"on_after_step": 75, "default": 0}  # after EMA (50), before checkpointing (100)
+    priority = {"on_after_step": 75, "on_after_train": 75, "default": 0}  # after EvalHook, before checkpointing
+
+    def on_before_train(self, trainer):
+        print(f"start {trainer.step}", flush=True)  # after the checkpoint was restored
 
     def on_before_step(self, trainer):
         trainer.micro = 0
 
+    def on_after_train(self, trainer):
+        self.print_evaluation(trainer)
+
+    def print_evaluation(self, trainer):
+        results = trainer.step_info.get("eval")
+        if results is not None and results is not getattr(self, "printed", None):
+            self.printed = results
+            print(f"eval {trainer.step} {float(results['val/loss']).hex()}", flush=True)
+
     def on_after_step(self, trainer):
         global current_step
+        self.print_evaluation(trainer)
         die_if(trainer.step, "after")
         current_step = trainer.step
         print(f"step {trainer.step}", flush=True)
 
 
+held_out = torch.Generator().manual_seed(99)
 trainer = Resumable(
     max_steps=args.steps,
     gradient_accumulation_steps=2,
@@ -115,7 +133,10 @@ trainer = Resumable(
         ),
         EmaHook(decay=0.9),
         Markers(),
+        *([EvalHook(interval=4, every_epoch=True)] if args.eval else []),
     ],
+    eval_loaders=DataLoader(TensorDataset(torch.randn(37, 8, generator=held_out), torch.arange(37) % 4), batch_size=8)
+    if args.eval else None,
 )
 trainer.train()
 print("done", trainer.step, flush=True)
