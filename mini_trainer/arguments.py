@@ -19,6 +19,7 @@ from .utils import check_directory_path, check_int, check_number
 __all__ = [
     "STILL_RUNNING",
     "check_built",
+    "check_limits",
     "check_optional_type",
     "check_run_arguments",
     "check_scheduler",
@@ -84,6 +85,12 @@ def check_run_arguments(epochs: Any, steps: Any, data_loader: Any = None) -> Non
     check_int("steps", steps, minimum=1, allow_none=True)
     if data_loader is not None and not isinstance(data_loader, Iterable):
         raise TypeError(f"data_loader must be an iterable of batches; got {type(data_loader).__name__}")
+
+
+def check_limits(max_steps: int | None, max_epochs: int | None) -> None:
+    """What `train()` needs: an end (`max_steps` or `max_epochs`)."""
+    if max_steps is None and max_epochs is None:
+        raise ValueError("train() needs a limit: set max_steps or max_epochs (or call fit(steps=..., epochs=...))")
 
 
 def check_built(method: str, value: Any, kind: type, description: str) -> Any:

@@ -28,7 +28,7 @@ from .metrics import count_samples
 from .rng import preserved_rng
 from .utils import eval_mode, flatten_dict
 
-__all__ = ["check_eval_loaders", "evaluate_loaders", "rank_batches", "scoring"]
+__all__ = ["check_eval_loaders", "evaluate", "evaluate_loaders", "rank_batches", "scoring"]
 
 #: The split name a single eval loader gets.
 DEFAULT_SPLIT = "val"
@@ -61,6 +61,16 @@ def check_eval_loaders(value: Any, name: str) -> dict[str, Iterable] | None:
                 "its own batches"
             )
     return loaders
+
+
+def evaluate(trainer: Any, loaders: Any, model: nn.Module | None) -> dict[str, float]:
+    """`BaseTrainer.evaluate`, on the trainer's public surface."""
+    trainer.build()
+    loaders = trainer.eval_loaders if loaders is None else check_eval_loaders(loaders, "evaluate(loaders)")
+    lockstep = trainer.parallel == "fsdp" and model is None  # FSDP2: a forward needs every rank
+    with scoring(trainer, model), trainer.autocast():
+        return evaluate_loaders(loaders, trainer.eval_forward, to_device=trainer.data_cursor.to_device,
+                                lockstep=lockstep, owner=type(trainer).__name__)
 
 
 @contextlib.contextmanager

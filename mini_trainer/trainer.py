@@ -11,11 +11,10 @@
         gradients_ready(skipped)                        # the final gradients, for strategies
         optimizer.step(); zero_grad(set_to_none); scheduler.step()
 
-Losses and records stay on the device; hooks reduce them when they report. The only host
-read per step is one scalar: the fused gradient norm for the finite check (off with
-`max_non_finite_grad_retries=None`), or with fp16 the GradScaler's overflow flag.
-Components own the mechanics: `data_cursor`, `gradients`, `precision`, `state`, `rng`,
-`metrics`, `hooks.base.HookDispatcher`; docs/strategies.md is the surface strategies use.
+Losses and records stay on the device; the one host read per step is the finite check's
+scalar (the fused gradient norm, or fp16's overflow flag). Components own the mechanics
+(`data_cursor`, `gradients`, `precision`, `state`, `rng`, `metrics`, `evaluation`,
+`hooks.base.HookDispatcher`); docs/strategies.md is the surface strategies use.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed, evaluation, gradients, precision, state
+from . import arguments, distributed, evaluation, gradients, precision, state
 from .arguments import STILL_RUNNING, check_built, check_run_arguments, check_scheduler, check_trainer_arguments
 from .data_cursor import END_OF_DATA, DataCursor, cursor_field
 from .evaluation import check_eval_loaders
@@ -52,15 +51,10 @@ class BaseTrainer:
     """The training loop: subclass it and implement `build_model`, `build_optimizer`,
     `build_data_loader` and `forward`, or pass ready objects (every argument: docs/trainer.md).
 
-    Args:
+    Args (the rest: docs/trainer.md):
         max_steps / max_epochs: steps / passes over the data to train for (first one ends it).
-        grad_clip: clip the global gradient norm (None: no clipping).
         max_non_finite_grad_retries: redo a step whose gradients are NaN/inf with fresh batches
             up to this many times, then raise `NonFiniteGradientError` (None: no check).
-        mixed_precision: "fp16", "bf16", "auto" or None; gradient_accumulation_steps: N.
-        workspace: directory for run files; device: "auto" (cuda > mps > cpu) or a device.
-        parallelism, fsdp_units, parallel_kwargs, no_sync_accumulate, state_dict_options,
-            logger, seed, compile: docs/trainer.md and docs/distributed.md.
         model, optimizer, data_loader, eval_loaders, lr_scheduler, grad_scaler, hooks, forward_fn: ready objects.
 
     Attributes: `step`, `epoch`, `batch_in_epoch`, `model`, `optimizer`, `lr_scheduler`,
@@ -113,9 +107,8 @@ class BaseTrainer:
         self.no_sync_accumulate, self.state_dict_options = bool(no_sync_accumulate), state_dict_options
         self.logger = logger or logging.getLogger("mini_trainer")
         self.seed, self.compile, self.forward_fn = seed, compile, forward_fn
-        self._given = {"model": model, "optimizer": optimizer, "data_loader": data_loader, "eval_loaders": eval_loaders,
-                       "lr_scheduler": lr_scheduler, "grad_scaler": grad_scaler,
-                       "hooks": list(hooks) if hooks is not None else None}
+        self._given = dict(model=model, optimizer=optimizer, data_loader=data_loader, eval_loaders=eval_loaders,
+                           lr_scheduler=lr_scheduler, grad_scaler=grad_scaler, hooks=list(hooks) if hooks else None)
         self.step, self.micro_step = 0, 0  # optimizer steps done; the micro-batch within the step
         self.step_info: dict[str, Any] = {}
         self.should_stop = False
@@ -217,13 +210,11 @@ class BaseTrainer:
         for _ in self._run(require_limit=True):
             pass
 
-    def fit(
-        self, data_loader: Iterable | None = None, *, epochs: int | None = None, steps: int | None = None
-    ) -> dict[str, Any]:
-        """Train `epochs` more epochs and/or `steps` more steps (first one ends it; the rest of
-        a started epoch counts as one; neither: the constructor's limits) and return the
-        metrics averaged over them, plus `step` and `epoch`. A `data_loader` given here
-        replaces the current one and starts a new epoch."""
+    def fit(self, data_loader: Iterable | None = None, *, epochs: int | None = None,
+            steps: int | None = None) -> dict[str, Any]:
+        """Train `epochs` more epochs and/or `steps` more steps (first one ends it; a started epoch
+        counts as one; neither: the constructor's limits); return the metrics averaged over them,
+        plus `step` and `epoch`. A `data_loader` given here replaces the current one (a new epoch)."""
         check_run_arguments(epochs, steps, data_loader)
         self._check_not_running()
         if data_loader is not None:
@@ -238,9 +229,8 @@ class BaseTrainer:
         return {**metrics.compute(), "step": self.step, "epoch": self.epoch}
 
     def events(self, *, epochs: int | None = None, steps: int | None = None) -> TrainerEvents:
-        """Train lazily: one event (`step`, `epoch`, `step_info`'s entries, `model`, `trainer`)
-        per step, for the `mini_trainer.stream` stages, ending at `epochs`/`steps` more (as in
-        `fit()`), the constructor's limits, or when the stream is closed (docs/stream.md)."""
+        """Train lazily: one event (`step`, `epoch`, `step_info`'s entries, `model`, `trainer`) per step
+        for `mini_trainer.stream`, until `epochs`/`steps` more, the limits, or close() (docs/stream.md)."""
         check_run_arguments(epochs, steps)
         self._check_not_running()
         return TrainerEvents.of_run(self._run(epochs, steps, require_limit=False), self)
@@ -285,8 +275,7 @@ class BaseTrainer:
 
     def check_limits(self) -> None:
         """Raise unless training has an end (`max_steps` or `max_epochs`)."""
-        if self.max_steps is None and self.max_epochs is None:
-            raise ValueError("train() needs a limit: set max_steps or max_epochs (or call fit(steps=..., epochs=...))")
+        arguments.check_limits(self.max_steps, self.max_epochs)
 
     def _finished(self) -> bool:
         if self.should_stop or (self.max_steps is not None and self.step >= self.max_steps):
@@ -431,24 +420,17 @@ class BaseTrainer:
     # ======================================================================= evaluation
 
     def eval_forward(self, batch: Any) -> Mapping[str, Any]:
-        """The records of one evaluation batch (numbers or 0-d tensors; a `samples` count
-        overrides the batch size as its weight): by default forward's loss as `loss` and its records."""
+        """One evaluation batch's records (numbers, 0-d tensors; `samples`: its weight): forward's by default."""
         loss, records = check_forward_output(self.forward(batch), type(self).__name__)
         return {"loss": loss, **records} if loss is not None else dict(records)
 
-    def evaluate(
-        self, loaders: Iterable | Mapping[str, Iterable] | None = None, model: nn.Module | None = None
-    ) -> dict[str, float]:
+    def evaluate(self, loaders: Iterable | Mapping[str, Iterable] | None = None,
+                 model: nn.Module | None = None) -> dict[str, float]:
         """`{"<split>/<metric>": mean over samples}` of `eval_forward` on every split of `loaders`
         (default `eval_loaders`), under no_grad, autocast and eval mode, over all ranks.
         `model`: score other weights (e.g. `EmaHook.ema_model`; `self.model` is it meanwhile).
         The global RNG is left as it was: evaluating never changes the training."""
-        self.build()
-        loaders = self.eval_loaders if loaders is None else check_eval_loaders(loaders, "evaluate(loaders)")
-        with evaluation.scoring(self, model), self.autocast():
-            return evaluation.evaluate_loaders(loaders, self.eval_forward, to_device=self.data_cursor.to_device,
-                                               lockstep=self.parallel == "fsdp" and model is None,
-                                               owner=type(self).__name__)
+        return evaluation.evaluate(self, loaders, model)
 
     # ======================================================================= state
 
