@@ -31,8 +31,10 @@ $(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 
 venv: $(STAMP)
 
+# Trains (or continues) the main job, then draws its learning curves and prints where.
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/mini-trainer train configs/digits_mlp.py
+	$(VENV)/bin/mini-trainer plot runs/digits_mlp -o runs/digits_mlp/curves.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q

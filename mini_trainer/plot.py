@@ -289,7 +289,7 @@ def _matplotlib() -> tuple[Any, Any, Any]:
         from matplotlib.ticker import MaxNLocator
     except ImportError as err:
         raise ImportError(
-            f"mini-trainer plot needs matplotlib ({err}): pip install 'mini_trainer[stream]'"
+            f"mini-trainer plot needs matplotlib ({err}): pip install 'mini_trainer[examples]'"
         ) from err
     return Figure, FigureCanvasAgg, MaxNLocator
 

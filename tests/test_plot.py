@@ -213,7 +213,7 @@ def test_plot_errors(tmp_path, run, matplotlib):
 def test_missing_matplotlib_names_the_extra(run, monkeypatch):
     for module in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.ticker"):
         monkeypatch.setitem(sys.modules, module, None)  # `import` of a None entry raises ImportError
-    with pytest.raises(ImportError, match=r"pip install 'mini_trainer\[stream\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'mini_trainer\[examples\]'"):
         plot_metrics(run)
 
 
