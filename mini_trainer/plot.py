@@ -30,8 +30,9 @@ METRICS_FILE = "metrics.jsonl"
 
 #: Panels left out when no metrics are named: bookkeeping of the loop, not of learning.
 #: Any panel whose name ends in "_time" (data_time, step_time, wall_time, ...) is left out too.
-#: `lr`, `grad_norm`, throughput and memory stay: they explain a curve's shape.
-DEFAULT_EXCLUDED = frozenset({"time", "retries", "micro_steps", "skipped"})
+#: `lr`, `grad_norm`, throughput rates and memory stay: they explain a curve's shape (the
+#: per-step counts `samples` and `flops` behind the rates do not).
+DEFAULT_EXCLUDED = frozenset({"time", "retries", "micro_steps", "skipped", "samples", "flops", "peak_flops"})
 
 #: Pixels are `PANEL_SIZE * dpi` per panel; panels are laid out in a grid of at most 3 columns.
 PANEL_SIZE = (5.0, 3.5)

@@ -112,6 +112,13 @@ def test_train_digits_end_to_end(tmp_path):
     assert {f"step_{best_step:09d}", "step_000000300"} <= set(kept) and len(kept) <= 3, kept
     assert (tmp_path / "checkpoints" / "best").read_text().strip() == f"step_{best_step:09d}"
 
+    # `mini-trainer plot` draws the run's curves (train and val share the loss and accuracy panels)
+    plotted = run_cli("plot", str(tmp_path), "--metrics", "loss,accuracy", "-o", str(tmp_path / "curves.png"))
+    assert plotted.returncode == 0 and plotted.stdout.strip() == str(tmp_path / "curves.png"), plotted.stderr
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    unknown = run_cli("plot", str(tmp_path), "--metrics", "val/perplexity")
+    assert unknown.returncode == 2 and "val/perplexity" in unknown.stderr and "val/loss" in unknown.stderr
+
     # The same command with a bigger budget continues from the latest checkpoint (not the best).
     again = run_cli(
         "train", CONFIG, "trainer.max_steps=400", f"trainer.workspace={tmp_path}", "trainer.hooks.0.interval=100"

@@ -303,6 +303,13 @@ def test_eval_hook_checks_what_it_needs_before_the_first_step():
         assert trainer.step == 0
 
 
+def test_every_new_hook_is_registered():
+    from mini_trainer import REGISTRY
+
+    for name in ("EvalHook", "EarlyStoppingHook", "TensorBoardHook", "CsvLoggerHook", "MfuHook"):
+        assert name in REGISTRY, name
+
+
 def test_hooks_build_from_a_config():
     hook = build_from_cfg({"type": "EvalHook", "interval": 5, "splits": ["val"]})
     assert isinstance(hook, EvalHook) and hook.interval == 5 and hook.splits == ["val"]
