@@ -163,6 +163,17 @@ def in_workspace(workspace: Path | None, path: str | os.PathLike) -> Path:
     return workspace / path if workspace is not None and not path.is_absolute() else path
 
 
+def run_file(argument: str, path: str | os.PathLike | None, workspace: Path | None, default: str) -> Path:
+    """Where a logger writes: `path` (see `in_workspace`), or `<workspace>/<default>` when it is
+    None; a ValueError naming `argument` when there is neither."""
+    if path is not None:
+        return in_workspace(workspace, path)
+    if workspace is None:
+        raise ValueError(f"{argument} is None and the trainer has no workspace: pass {argument.split('.')[-1]}=... "
+                         f"or give the trainer a workspace (then: <workspace>/{default})")
+    return workspace / default
+
+
 def create_directory(name: str, path: Path) -> None:
     """`path` and its parents, or an OSError naming the argument `name` and why."""
     try:

@@ -15,7 +15,7 @@ from ..builder import REGISTRY
 from ..checkpoint import write_file
 from ..distributed import is_main_process
 from ..plain import to_plain
-from ..utils import flatten_dict, in_workspace
+from ..utils import flatten_dict, run_file
 from .base import BaseHook
 
 if TYPE_CHECKING:
@@ -81,14 +81,7 @@ class CsvLoggerHook(BaseHook):
 
     def file_path(self, trainer: BaseTrainer) -> Path:
         """Where the rows go; a ValueError when there is nowhere to write."""
-        if self.path is None:
-            if trainer.workspace is None:
-                raise ValueError(
-                    "CsvLoggerHook.path is None and the trainer has no workspace: pass path=... "
-                    "or give the trainer a workspace (rows then go to <workspace>/metrics.csv)"
-                )
-            return in_workspace(trainer.workspace, "metrics.csv")
-        return in_workspace(trainer.workspace, self.path)
+        return run_file("CsvLoggerHook.path", self.path, trainer.workspace, "metrics.csv")
 
     # ------------------------------------------------------------------ events
 

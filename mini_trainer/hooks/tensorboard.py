@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..builder import REGISTRY
 from ..distributed import is_main_process
 from ..plain import to_plain
-from ..utils import flatten_dict, in_workspace
+from ..utils import flatten_dict, run_file
 from .base import BaseHook
 
 if TYPE_CHECKING:
@@ -79,14 +79,7 @@ class TensorBoardHook(BaseHook):
 
     def directory(self, trainer: BaseTrainer) -> Path:
         """Where the event files go; a ValueError when there is nowhere to write."""
-        if self.log_dir is None:
-            if trainer.workspace is None:
-                raise ValueError(
-                    "TensorBoardHook.log_dir is None and the trainer has no workspace: pass log_dir=... "
-                    "or give the trainer a workspace (events then go to <workspace>/tensorboard)"
-                )
-            return in_workspace(trainer.workspace, "tensorboard")
-        return in_workspace(trainer.workspace, self.log_dir)
+        return run_file("TensorBoardHook.log_dir", self.log_dir, trainer.workspace, "tensorboard")
 
     # ------------------------------------------------------------------ events
 
