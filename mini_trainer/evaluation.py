@@ -13,6 +13,7 @@ repeats a batch whose results it throws away.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -20,13 +21,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 
 from . import distributed
 from .metrics import _to_host_floats as to_host_floats
 from .metrics import count_samples
 from .rng import preserved_rng
-from .utils import eval_mode, flatten_dict
+from .utils import eval_mode, flatten_dict, map_nested_tensor
 
 __all__ = ["check_eval_loaders", "evaluate", "evaluate_loaders", "rank_batches", "scoring"]
 
@@ -68,9 +69,13 @@ def evaluate(trainer: Any, loaders: Any, model: nn.Module | None) -> dict[str, f
     trainer.build()
     loaders = trainer.eval_loaders if loaders is None else check_eval_loaders(loaders, "evaluate(loaders)")
     lockstep = trainer.parallel == "fsdp" and model is None  # FSDP2: a forward needs every rank
+    to_device = trainer.data_cursor.to_device
+    if model is not None:  # batches go where its weights are (an EmaHook(device="cpu") copy)
+        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        to_device = functools.partial(map_nested_tensor, lambda t: t.to(device, non_blocking=True))
     with scoring(trainer, model), trainer.autocast():
-        return evaluate_loaders(loaders, trainer.eval_forward, to_device=trainer.data_cursor.to_device,
-                                lockstep=lockstep, owner=type(trainer).__name__)
+        return evaluate_loaders(loaders, trainer.eval_forward, to_device=to_device, lockstep=lockstep,
+                                owner=type(trainer).__name__)
 
 
 @contextlib.contextmanager
@@ -105,17 +110,24 @@ class _EveryNth:
 
 def rank_batches(loader: Iterable, rank: int, world: int) -> Iterator:
     """This rank's batches of `loader`: batch b when b % world == rank. A map-style
-    DataLoader only loads those (a copy of it with a strided batch sampler); any other
-    iterable is read through and the other ranks' batches are skipped."""
+    DataLoader only loads those (a copy of it with a strided batch sampler; a shuffling one
+    is read in order instead, since each rank would shuffle differently and a mean does not
+    depend on the order); any other iterable is read through, skipping the other ranks'
+    batches, and must yield the same batches in the same order on every rank."""
     if world == 1:
         return iter(loader)
-    if isinstance(loader, DataLoader) and loader.batch_sampler is not None:
+    if isinstance(loader, DataLoader) and loader.batch_sampler is not None and not isinstance(
+        loader.dataset, IterableDataset
+    ):
+        batches = loader.batch_sampler
+        if loader.batch_size is not None and not isinstance(loader.sampler, SequentialSampler):
+            batches = BatchSampler(SequentialSampler(loader.dataset), loader.batch_size, loader.drop_last)
         options = dict(num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
                        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
                        multiprocessing_context=loader.multiprocessing_context)
         if loader.num_workers > 0:
             options.update(prefetch_factor=loader.prefetch_factor, persistent_workers=False)
-        return iter(DataLoader(loader.dataset, batch_sampler=_EveryNth(loader.batch_sampler, rank, world), **options))
+        return iter(DataLoader(loader.dataset, batch_sampler=_EveryNth(batches, rank, world), **options))
     return itertools.islice(iter(loader), rank, None, world)
 
 
@@ -125,7 +137,7 @@ class _SplitSums:
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self.sums: dict[str, Any] = {}
-        self.counts: dict[str, float] = {}
+        self.counts: dict[str, Any] = {}  # floats, or 0-d tensors for counts that eval_forward gave as tensors
 
     def add(self, records: Any, batch: Any) -> None:
         if not isinstance(records, Mapping):
@@ -133,7 +145,9 @@ class _SplitSums:
         records = flatten_dict(records)
         weight = records.pop("samples", None)
         weight = count_samples(batch) if weight is None else weight
-        if isinstance(weight, torch.Tensor) or not isinstance(weight, (int, float)) or weight <= 0:
+        if isinstance(weight, torch.Tensor) and weight.numel() == 1 and not weight.is_complex():
+            weight = weight.detach().reshape(()).to(torch.float64)  # a count on the device: read at the end
+        elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise ValueError(
                 f"{self.owner}.eval_forward: cannot weight this batch by its size (got {weight!r}): batches need a "
                 "tensor whose first dimension is the batch size, or eval_forward must return a 'samples' count > 0"
@@ -145,12 +159,12 @@ class _SplitSums:
                                     f"{tuple(value.shape)}; records must be numbers or single-element tensors")
                 value = value.detach().reshape(()).to(torch.float64) * weight
             elif isinstance(value, (int, float)):  # bool is an int
-                value = float(value) * weight
+                value = weight * float(value)
             else:
                 raise TypeError(f"{self.owner}.eval_forward returned record {name!r} of type {type(value).__name__} "
                                 f"({value!r}); records must be numbers or single-element tensors")
             self.sums[name] = self.sums[name] + value if name in self.sums else value
-            self.counts[name] = self.counts.get(name, 0.0) + weight
+            self.counts[name] = self.counts[name] + weight if name in self.counts else weight
 
 
 def evaluate_loaders(

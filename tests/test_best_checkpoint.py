@@ -182,7 +182,24 @@ def test_early_stopping_state_survives_a_resume_and_a_stopped_run_stays_stopped(
     assert again.step == 14 and "stopped at step 14 already" in caplog.text
 
 
-def test_metric_monitor_ignores_nan():
+def test_metric_monitor_ignores_nan_and_inf():
     tracker = MetricMonitor("test", "val/loss", "min")
     assert tracker.update(float("nan"), 1) is False and tracker.best is None
+    assert tracker.update(-float("inf"), 1) is False and tracker.best is None  # a best must be a number to resume
     assert tracker.update(2.0, 2) and not tracker.update(float("nan"), 3) and tracker.best_step == 2
+
+
+def test_a_best_checkpoint_that_is_gone_is_forgotten_on_resume(tmp_path, caplog):
+    values = {2: 1.0, 4: 2.0, 6: 0.4, 8: 3.0}
+    hook = CheckpointingHook(interval=3, keep_previous=2, keep_best="val/loss")
+    make(tmp_path, max_steps=6, values=values, checkpointing=hook).train()  # best 1.0 at 2 (pruned later), 0.4 at 6
+    root = tmp_path / "checkpoints"
+    assert names(root) == ["step_000000003", "step_000000006"]
+    (root / "step_000000006" / "model.safetensors").write_bytes(b"damaged")  # resume falls back to step 3
+    resumed_hook = CheckpointingHook(interval=3, keep_previous=2, keep_best="val/loss")
+    with caplog.at_level(logging.WARNING, logger="mini_trainer"):
+        make(tmp_path, max_steps=8, values=values, checkpointing=resumed_hook).train()
+    assert "the best checkpoint" in caplog.text and "is gone" in caplog.text
+    # forgotten, so the next evaluation (step 4: 2.0) became the best, then step 6 (0.4) again
+    assert (root / "best").read_text() == "step_000000006\n"
+    assert resumed_hook.best.tracker.best == 0.4

@@ -315,3 +315,89 @@ def test_hooks_build_from_a_config():
     assert isinstance(hook, EvalHook) and hook.interval == 5 and hook.splits == ["val"]
     stopper = build_from_cfg({"type": "EarlyStoppingHook", "monitor": "val/accuracy", "mode": "max"})
     assert stopper.monitor == "val/accuracy"
+
+
+# =========================================================================== edge cases
+
+
+def test_two_eval_hooks_merge_their_results_and_keep_their_own_state(tmp_path):
+    loaders = {"val": regression_batches(2, 5, seed=3), "test": regression_batches(2, 5, seed=4)}
+    recorder = Recorder()
+
+    def build(max_steps):
+        return make_trainer(regression_batches(4, 8), max_steps=max_steps, eval_loaders=loaders, workspace=tmp_path,
+                            hooks=[EvalHook(interval=2, splits=["val"]),
+                                   EvalHook(every_epoch=True, splits=["test"], name="test_eval"),
+                                   CheckpointingHook(interval=3, keep_best="val/loss"), recorder])
+
+    build(8).train()
+    at = dict(recorder.evaluated)
+    assert set(at[4]) == {"val/loss", "val/mae", "test/loss", "test/mae"}  # step 4 ends epoch 0: both evaluated
+    assert set(at[2]) == {"val/loss", "val/mae"}
+    saved = json.loads((tmp_path / "checkpoints" / "step_000000006" / "manifest.json").read_text())["state"]["hooks"]
+    assert saved["eval"] == {"last_step": 6, "epochs_evaluated": 1}
+    assert saved["test_eval"] == {"last_step": 4, "epochs_evaluated": 1}
+    with pytest.raises(ValueError, match="two EvalHooks are named 'eval'"):
+        make_trainer(regression_batches(4, 8), max_steps=2, eval_loaders=loaders,
+                     hooks=[EvalHook(interval=1), EvalHook(at_end=True)]).train()
+
+
+def test_a_finished_run_started_again_does_not_evaluate_again(tmp_path):
+    def run(max_steps):
+        recorder = Recorder()
+        trainer = make_trainer(regression_batches(4, 8), max_steps=max_steps, workspace=tmp_path,
+                               eval_loaders=regression_batches(2, 5, seed=3),
+                               hooks=[EvalHook(interval=10), CheckpointingHook(interval=5), recorder])
+        trainer.train()
+        return [step for step, _ in recorder.evaluated]
+
+    assert run(25) == [10, 20, 25]  # 25: at the end, after step 25's checkpoint was written: saved again
+    assert run(25) == []
+
+
+def test_a_tensor_samples_count_weights_without_a_host_read():
+    class Tokens(type(make_trainer([], max_steps=1))):
+        def eval_forward(self, batch):
+            x, _ = batch
+            mask = x[:, 0] > 0
+            return {"positive_mean": (x[:, 1] * mask).sum() / mask.sum().clamp_min(1), "samples": mask.sum()}
+
+    data = val_data(40)
+    model = make_model()
+    trainer = Tokens(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), forward_fn=mse_forward,
+                     data_loader=regression_batches(2, 4), eval_loaders=DataLoader(data, batch_size=6), max_steps=1)
+    x = data.tensors[0]
+    assert trainer.evaluate()["val/positive_mean"] == pytest.approx(x[x[:, 0] > 0, 1].mean().item(), rel=1e-6)
+
+
+def test_rank_batches_of_shuffling_and_iterable_loaders():
+    data = TensorDataset(torch.arange(23.0))
+    shuffled = DataLoader(data, batch_size=4, shuffle=True)  # each rank would shuffle its own way
+    seen = []
+    for rank in range(2):
+        torch.manual_seed(rank)
+        seen += [v for (batch,) in rank_batches(shuffled, rank, 2) for v in batch.tolist()]
+    assert sorted(seen) == list(range(23))  # every sample once
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(torch.arange(10.0))
+
+    streamed = [v for rank in range(2) for batch in rank_batches(DataLoader(Stream(), batch_size=3), rank, 2)
+                for v in batch.tolist()]
+    assert sorted(streamed) == list(range(10))
+
+
+def test_classification_trainer_scores_plain_cross_entropy():
+    from mini_trainer import ClassificationTrainer
+
+    data = val_data(20)
+    x, y = data.tensors[0], (data.tensors[1][:, 0] > 0).long()
+    model = nn.Linear(4, 2)
+    trainer = ClassificationTrainer(model_cfg=model, optimizer_cfg={"type": "torch.optim.SGD", "lr": 0.1},
+                                    data_cfg={"type": lambda: DataLoader(TensorDataset(x, y), batch_size=8)},
+                                    label_smoothing=0.3, eval_loaders=DataLoader(TensorDataset(x, y), batch_size=6),
+                                    max_steps=1, device="cpu")
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model(x), y).item()  # without the smoothing
+    assert trainer.evaluate()["val/loss"] == pytest.approx(expected, rel=1e-6)

@@ -483,5 +483,5 @@ def test_phase_trainer_is_registered_and_the_digits_config_trains_with_predicted
     assert (stats["full_steps"], stats["predict_steps"], stats["correct_steps"]) == (20, 33, 7)
     assert calls[0] == 60 - 33  # no backward on PREDICT steps
     results = run.evaluate()
-    assert set(results) == {"test_loss", "test_accuracy"}
-    assert results["test_accuracy"] > 0.75  # 0.86 after these 60 steps
+    assert set(results) == {"test/loss", "test/accuracy"}
+    assert results["test/accuracy"] > 0.75  # 0.86 after these 60 steps

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import checkpoint
+from .. import checkpoint, distributed
 from ..plain import json_safe
 from .evaluation import EvalHook, MetricMonitor, evaluation_results
 
@@ -64,16 +64,21 @@ class BestCheckpoint:
         self.tracker.best = self.tracker.best_step = None
 
     def reconcile(self, root: Path) -> None:
-        """After a resume, point `best` at the best checkpoint of the resumed state: a resume
-        that fell back past a damaged checkpoint may find it naming a later step."""
+        """After a resume (every rank calls it), point `best` at the best checkpoint of the
+        resumed state: a resume that fell back past a damaged checkpoint may find it naming a
+        later step. When that checkpoint is gone, every rank forgets the best (rank 0 decides:
+        ranks that disagreed would save at different evaluations and wait for each other)."""
         step = self.tracker.best_step
         expected = root / checkpoint.checkpoint_name(step) if step is not None else None
-        if expected is not None and not (expected / checkpoint.MANIFEST).is_file():
-            logger.warning("the best checkpoint (%s, %s = %s) is gone; `best` will name the next best one",
-                           expected, self.tracker.monitor, self.tracker.best)
+        main = distributed.is_main_process()
+        gone = main and expected is not None and not (expected / checkpoint.MANIFEST).is_file()
+        if distributed.broadcast_object(gone):
+            if main:
+                logger.warning("the best checkpoint (%s, %s = %s) is gone; `best` will name the next best one",
+                               expected, self.tracker.monitor, self.tracker.best)
             self.forget()
             expected = None
-        if checkpoint.read_pointer(root, checkpoint.BEST) != expected:
+        if main and checkpoint.read_pointer(root, checkpoint.BEST) != expected:
             checkpoint.write_pointer(root, checkpoint.BEST, expected)
 
 

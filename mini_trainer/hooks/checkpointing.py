@@ -26,6 +26,7 @@ from ..utils import check_choice, check_int, check_number, in_workspace
 from .base import BaseHook
 from .best_checkpoint import STATE_KEY as BEST_STATE_KEY
 from .best_checkpoint import BestCheckpoint, step_metrics
+from .evaluation import evaluation_results
 from .exit_signals import ExitSignals, check_exit_signals
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ class CheckpointingHook(BaseHook):
         self.resumed_from: Path | None = None
         self._started = False  # resume only on the first train() of this hook
         self._last_saved_step: int | None = None
+        self._saved_results: Any = None  # the evaluation results of the step last saved
         self._signals = ExitSignals(signals)
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future | None = None
@@ -210,7 +212,10 @@ class CheckpointingHook(BaseHook):
     def on_after_train(self, trainer: BaseTrainer) -> None:
         try:
             new_best = self.best is not None and self.best.judge(trainer)  # an evaluation at the end
-            if new_best or (self.save_at_end and trainer.step != self._last_saved_step):
+            # Saved already at this step, but evaluated since (EvalHook's at_end): save again, so
+            # that a rerun of the finished command knows this step was evaluated.
+            evaluated_since = evaluation_results(trainer) is not self._saved_results
+            if new_best or (self.save_at_end and (trainer.step != self._last_saved_step or evaluated_since)):
                 self.save(trainer)
             signum = self._signals.agreed()
             if signum:  # arrived after the last step: the final checkpoint above has it all
@@ -249,7 +254,7 @@ class CheckpointingHook(BaseHook):
         started = time.perf_counter()
         if self.sharded:
             written = self._save_sharded(trainer, directory, started)
-            self._last_saved_step = trainer.step
+            self._last_saved_step, self._saved_results = trainer.step, evaluation_results(trainer)
             return written
         state = trainer.state_dict()
 
@@ -267,7 +272,7 @@ class CheckpointingHook(BaseHook):
 
         # Also a barrier: nobody runs ahead (or exits) before the checkpoint exists.
         written = _agreed(write_on_main)
-        self._last_saved_step = trainer.step
+        self._last_saved_step, self._saved_results = trainer.step, evaluation_results(trainer)
         return written
 
     def _save_sharded(self, trainer: BaseTrainer, directory: Path, started: float) -> Path | None:
@@ -396,7 +401,7 @@ class CheckpointingHook(BaseHook):
         self.resumed_from = source
         if self.best is not None and kind != "own":
             self.best.forget()  # another run's best is not a checkpoint in this directory
-        elif self.best is not None and distributed.is_main_process():
+        elif self.best is not None:
             self.best.reconcile(self.directory)
         logger.info("resumed from %s at step %d (epoch %d)", source, trainer.step, trainer.epoch)
 

@@ -52,6 +52,8 @@ class EvalHook(BaseHook):
             name; its results are named `ema_<split>/<metric>`.
         splits: the splits to score (default: all of `eval_loaders`), e.g. ["val"] to keep
             a test split for the very end.
+        name: key of this hook's state in checkpoints (two EvalHooks, e.g. one per split on
+            different schedules, need two names; their results at one step are merged).
     """
 
     # After EmaHook (1) updated the average; before EarlyStoppingHook (6), ProgressHook (10)
@@ -65,8 +67,11 @@ class EvalHook(BaseHook):
         at_end: bool = True,
         ema: bool | str = False,
         splits: Sequence[str] | None = None,
+        name: str = "eval",
     ) -> None:
         check_int("EvalHook.interval", interval, minimum=1, allow_none=True)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"EvalHook.name must be a non-empty string; got {name!r}")
         _check_flag("EvalHook.every_epoch", every_epoch)
         _check_flag("EvalHook.at_end", at_end)
         if not isinstance(ema, (bool, str)):
@@ -77,12 +82,16 @@ class EvalHook(BaseHook):
             raise ValueError("EvalHook would never evaluate: set interval, every_epoch=True or at_end=True")
         self.interval, self.every_epoch, self.at_end, self.ema = interval, every_epoch, at_end, ema
         self.splits = list(splits) if splits is not None else None
+        self.name = name
         self.last_step: int | None = None  # the step of the latest evaluation
         self.epochs_evaluated: int | None = None  # completed epochs already evaluated
         self.history: list[tuple[int, dict[str, float]]] = []  # (step, results) of this process's evaluations
         self._ema_hook: EmaHook | None = None
 
     def on_before_train(self, trainer: BaseTrainer) -> None:
+        if sum(isinstance(h, EvalHook) and h.name == self.name for h in trainer.hooks) > 1:
+            raise ValueError(f"two EvalHooks are named {self.name!r}: give each its own name= (their state in "
+                             "checkpoints is kept under it)")
         if not trainer.eval_loaders:
             raise ValueError("EvalHook: the trainer has no eval_loaders to evaluate; pass eval_loaders=... "
                              "(a loader or {'val': loader, ...}) or override build_eval_loaders()")
@@ -122,20 +131,21 @@ class EvalHook(BaseHook):
         if self._ema_hook is not None and self._ema_hook.ema_model is not None:
             ema = trainer.evaluate(loaders, model=self._ema_hook.ema_model)
             results.update({f"ema_{name}": value for name, value in ema.items()})
-        trainer.step_info["eval"] = results
+        earlier = evaluation_results(trainer)  # another EvalHook's, at this step
+        trainer.step_info["eval"] = {**earlier, **results} if earlier else results
         self.last_step = trainer.step
         self.history.append((trainer.step, results))
         trainer.log(results, dry_run=not is_main_process())
         return results
 
     def on_state_dict(self, trainer: BaseTrainer, state_dict: dict[str, Any]) -> None:
-        state_dict["hooks"]["eval"] = {"last_step": self.last_step, "epochs_evaluated": self.epochs_evaluated}
+        state_dict["hooks"][self.name] = {"last_step": self.last_step, "epochs_evaluated": self.epochs_evaluated}
 
     def on_load_state_dict(self, trainer: BaseTrainer, state_dict: Mapping[str, Any]) -> None:
-        saved = (state_dict.get("hooks") or {}).get("eval")
+        saved = (state_dict.get("hooks") or {}).get(self.name)
         if isinstance(saved, Mapping):
             for key in ("last_step", "epochs_evaluated"):
-                check_int(f"checkpoint hooks.eval.{key}", saved.get(key), minimum=0, allow_none=True)
+                check_int(f"checkpoint hooks.{self.name}.{key}", saved.get(key), minimum=0, allow_none=True)
             self.last_step, self.epochs_evaluated = saved.get("last_step"), saved.get("epochs_evaluated")
 
 
@@ -169,8 +179,9 @@ class MetricMonitor:
         return float(results[self.monitor])
 
     def improves(self, value: float) -> bool:
-        """Whether `value` beats the best so far (NaN never does)."""
-        if math.isnan(value):
+        """Whether `value` beats the best so far (NaN and inf never do: a diverged evaluation
+        is not a best, and the best stays a finite number a checkpoint can hold)."""
+        if not math.isfinite(value):
             return False
         if self.best is None:
             return True
@@ -192,7 +203,7 @@ class MetricMonitor:
         if not isinstance(saved, Mapping) or saved.get("monitor") != self.monitor or saved.get("mode") != self.mode:
             return
         best = saved.get("best")
-        check_number(f"checkpoint {where}.best", best, allow_none=True)
+        check_number(f"checkpoint {where}.best", best, allow_none=True)  # finite: improves() takes no other
         check_int(f"checkpoint {where}.best_step", saved.get("best_step"), minimum=0, allow_none=True)
         self.best = None if best is None else float(best)
         self.best_step = saved.get("best_step")

@@ -98,7 +98,8 @@ class Markers(BaseHook):
     priority = {"on_after_step": 75, "on_after_train": 75, "default": 0}  # after EvalHook, before checkpointing
 
     def on_before_train(self, trainer):
-        print(f"start {trainer.step}", flush=True)  # after the checkpoint was restored
+        if args.eval:
+            print(f"start {trainer.step}", flush=True)  # after the checkpoint was restored
 
     def on_before_step(self, trainer):
         trainer.micro = 0
