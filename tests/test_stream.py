@@ -93,11 +93,13 @@ def test_iter_batches_aligned_last_batch_smaller_and_shuffle_is_a_permutation():
     assert list(iter_batches(batch_size=2)) == []
 
 
-def test_iter_batches_rejects_bad_input():
-    with pytest.raises(ValueError, match="batch_size must be a positive int; got 0"):
-        iter_batches(torch.arange(3), batch_size=0)  # at the call, not at the first batch
+def test_iter_batches_rejects_bad_input_on_the_first_next_like_fitstream():
+    batches = iter_batches(torch.arange(3), batch_size=0)  # a generator: nothing raised at the call
+    with pytest.raises(RuntimeError, match="split_size"):
+        next(batches)
+    batches = iter_batches(torch.arange(3), torch.arange(4))
     with pytest.raises(ValueError, match=r"first \(sample\) dimension.*\(3,\), \(4,\)"):
-        iter_batches(torch.arange(3), torch.arange(4))
+        next(batches)
 
 
 def test_epoch_stream_trains_and_emits_fitstream_keys():
@@ -125,18 +127,19 @@ def test_epoch_stream_loss_is_the_sample_weighted_epoch_mean_and_label_free_loss
     assert event["train_loss"] == pytest.approx((4 + 16 + 36) / 3)
 
 
-def test_epoch_stream_rejects_bad_arguments_at_the_call():
+def test_epoch_stream_rejects_bad_arguments_on_the_first_next_like_fitstream():
     x, y = _data(8)
     model = _model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="batch_size"):
-        epoch_stream((x, y), model, sgd, nn.MSELoss(), batch_size=0)
-    with pytest.raises(ValueError, match="last_label=True needs at least two"):
-        epoch_stream((x,), model, sgd, nn.MSELoss())
-    with pytest.raises(ValueError, match="empty"):
-        epoch_stream((), model, sgd, nn.MSELoss())
-    with pytest.raises(TypeError, match="step_offset must be an int"):
-        epoch_stream((x, y), model, sgd, nn.MSELoss(), step_offset=1.5)
+    for error, message, data, kwargs in [
+        (ValueError, "batch_size must be a positive integer. Got batch_size=0", (x, y), {"batch_size": 0}),
+        (ValueError, "last_label=True requires at least two tensors", (x,), {}),
+        (ValueError, "train_data must contain at least one tensor", (), {}),
+        (TypeError, "step_offset must be an integer. Got step_offset=1.5", (x, y), {"step_offset": 1.5}),
+    ]:
+        events = epoch_stream(data, model, sgd, nn.MSELoss(), **kwargs)  # a generator: nothing raised yet
+        with pytest.raises(error, match=message):
+            next(events)
 
 
 # --------------------------------------------------------------------------- stages
@@ -152,10 +155,13 @@ def test_take_never_pulls_past_its_limit():
     # Inside a pipe, behind other stages, too.
     out = list(pipe(_counting_source(100, pulled), augment(lambda e: {"x": 1}), ema("loss", decay=0.5), take(2)))
     assert len(out) == 2 and pulled == [1, 2]
-    with pytest.raises(ValueError, match="n must be >= 0; got -1"):
+    with pytest.raises(ValueError, match="n must be >= 0. Got n=-1"):
         take(-1)
-    with pytest.raises(TypeError, match="n must be an int"):
-        take(2.5)
+    with pytest.raises(TypeError, match="not supported.*Got n='2'"):
+        take("2")
+    stage = take(2.5)(iter([{}]))  # as in fitstream: islice rejects it on the first next()
+    with pytest.raises(ValueError, match="islice"):
+        next(stage)
 
 
 def test_pipe_applies_stages_left_to_right_and_checks_them():
@@ -164,7 +170,7 @@ def test_pipe_applies_stages_left_to_right_and_checks_them():
     assert list(pipe([{"x": 1}], add, double)) == [{"x": 4}]
     assert list(pipe([{"x": 1}], double, add)) == [{"x": 3}]
     assert pipe([{"x": 1}]) == [{"x": 1}]
-    with pytest.raises(TypeError, match="stage 1 is int"):
+    with pytest.raises(TypeError, match="pipe stages must be callable. Got stage 1: int"):
         pipe([], add, 3)
 
 
@@ -173,8 +179,11 @@ def test_augment_merges_without_mutating_and_checks_the_return():
     out = list(augment(lambda e: {"b": 2})(events))
     assert out == [{"a": 1, "b": 2}] and events == [{"a": 1}]
     assert list(augment(lambda e: None)(events)) == [{"a": 1}]
-    with pytest.raises(TypeError, match="must return a dict or None; it returned list"):
+    with pytest.raises(TypeError, match="augment function must return a dict or None. It returned list"):
         list(augment(lambda e: [1])(events))
+    stage = augment(3)(iter(events))  # as in fitstream: found when it is called, on the first event
+    with pytest.raises(TypeError, match="'int' object is not callable"):
+        next(stage)
 
 
 def test_tap_calls_on_schedule_and_tick_once_per_event():
@@ -247,11 +256,11 @@ def test_early_stop(values, kwargs, kept):
 
 
 def test_early_stop_rejects_bad_arguments():
-    with pytest.raises(TypeError, match="patience must be an int"):
+    with pytest.raises(TypeError, match="'<' not supported.*Got patience='2'; allowed: an int >= 1"):
         early_stop("val", "2")
-    with pytest.raises(ValueError, match="patience must be an int >= 1; got 0"):
+    with pytest.raises(ValueError, match="patience must be >= 1. Got patience=0"):
         early_stop("val", 0)
-    with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
+    with pytest.raises(ValueError, match="mode must be one of"):
         early_stop("val", 2, mode="up")
     with pytest.raises(ValueError, match="min_delta"):
         early_stop("val", 2, min_delta=-1)
@@ -265,7 +274,7 @@ def test_collect_filters_and_turns_scalar_tensors_into_numbers():
     assert torch.equal(row["vec"], torch.ones(2))  # not a scalar: left as it is
     assert collect(events, include=["step", "model"]) == [{"step": 1}]
     assert collect(events, exclude=["vec", "records"]) == [{"step": 1, "loss": 0.5}]
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="Provide only one of include or exclude"):
         collect(events, include=["a"], exclude=["b"])
     with pytest.raises(TypeError, match="single string"):
         collect(events, include="step")
@@ -335,14 +344,17 @@ def test_evaluate_rejects_bad_arguments():
     x, y = _data(4)
     with pytest.raises(ValueError, match="at least one tensor"):
         evaluate((), metrics={"a": nn.MSELoss()})
-    with pytest.raises(ValueError, match="last_label=True needs at least two"):
+    with pytest.raises(ValueError, match="last_label=True requires at least two"):
         evaluate((x,), metrics={"a": nn.MSELoss()})
     with pytest.raises(ValueError, match="at least one metric"):
         evaluate((x, y), metrics={})
-    with pytest.raises(TypeError, match=r"metrics\['a'\] must be callable"):
-        evaluate((x, y), metrics={"a": 3})
-    with pytest.raises(TypeError, match="'model'"):
+    augmenter = evaluate((x, y), metrics={"a": 3})  # as in fitstream: found when evaluated
+    with pytest.raises(TypeError, match=r"'int' object is not callable. Got metrics\['a'\]=3"):
+        augmenter({"model": nn.Linear(3, 1)})
+    with pytest.raises(KeyError, match="'model'"):
         validation_loss((x, y), nn.MSELoss())({"step": 1})
+    with pytest.raises(TypeError, match="'model' key with a torch.nn.Module. Got NoneType"):
+        validation_loss((x, y), nn.MSELoss())({"model": None})
 
 
 def test_best_model_keeps_the_best_state_and_loads_it():
@@ -360,9 +372,9 @@ def test_best_model_keeps_the_best_state_and_loads_it():
     best.load_into(model)
     assert torch.equal(flat_params(model), states[2])
     assert all(a is b for a, b in zip(params, model.parameters(), strict=True))  # same objects, updated in place
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(ValueError, match="Metric 'val' must be finite. Got nan"):
         best({"model": model, "val": math.nan})
-    with pytest.raises(RuntimeError, match="has seen no event"):
+    with pytest.raises(RuntimeError, match="No model state has been captured yet"):
         BestModel("val", "min", None).load_into(model)
     with pytest.raises(ValueError, match="direction"):
         best_model("val", direction="up")
@@ -380,9 +392,9 @@ def test_live_plot_records_every_event_and_closes_its_figure(capsys):
     assert out == events and plot.steps == [1, 2, 3, 4, 5]
     assert math.isnan(plot.values["val"][1]) and plot.values["loss"][4] == pytest.approx(0.2)
     assert plt.get_fignums() == []  # the figure it created is closed
-    with pytest.raises(RuntimeError, match="inside its `with"):
+    with pytest.raises(RuntimeError, match="inside its 'with' context"):
         list(plot(events))
-    with pytest.raises(RuntimeError, match="entered once"):
+    with pytest.raises(RuntimeError, match="Create a new live_plot context"):
         plot.__enter__()
     fig, ax = plt.subplots()
     with live_plot("loss", ax=ax) as plot:

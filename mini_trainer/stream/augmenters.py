@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from ..utils import eval_mode
+from .checks import detail
 from .sinks import _select
+from .sources import TENSORS
 
 
 def evaluate(
@@ -35,31 +37,40 @@ def evaluate(
     >>> evaluate((x, y), metrics={"mae": lambda p, t: (p - t).abs().mean()})({"model": model})
     {'mae': 0.5}
     """
+    # Checked at the call; the event and the metrics (callable? a number?) when it is
+    # evaluated, in fitstream's order, with its exception types and messages (plus ours).
     if not val_data:
-        raise ValueError("val_data must hold at least one tensor; got an empty sequence")
+        raise ValueError("val_data must contain at least one tensor." + detail("val_data", val_data, TENSORS))
     if last_label and len(val_data) < 2:
         raise ValueError(
-            f"val_data holds {len(val_data)} tensor(s) but last_label=True needs at least two (inputs..., labels)"
+            "last_label=True requires at least two tensors (inputs and labels)."
+            f" Got {len(val_data)} tensor; pass last_label=False for metrics without labels."
         )
     metrics = dict(metrics)
     if not metrics:
-        raise ValueError("metrics must name at least one metric function")
-    for name, fn in metrics.items():
-        if not callable(fn):
-            raise TypeError(
-                f"metrics[{name!r}] must be callable (predictions, labels) -> number; got {type(fn).__name__}"
-            )
+        raise ValueError("metrics must contain at least one metric. Got an empty mapping.")
     inputs = tuple(val_data[:-1]) if last_label else tuple(val_data)
     labels = val_data[-1] if last_label else None
 
     def compute(event: dict[str, Any]) -> dict[str, float]:
-        model = event.get("model")
+        model = event["model"]  # KeyError without one, as in fitstream
         if not isinstance(model, nn.Module):
-            raise TypeError(f"evaluate needs an event with a 'model' (nn.Module); got {type(model).__name__}")
+            raise TypeError(
+                "evaluate expects an event containing a 'model' key with a torch.nn.Module."
+                f" Got {type(model).__name__}."
+            )
+        result = {}
         with eval_mode(model), torch.no_grad():
             predictions = model(*inputs)
-            values = {name: fn(predictions, labels) if last_label else fn(predictions) for name, fn in metrics.items()}
-        return {name: float(v.item() if isinstance(v, torch.Tensor) else v) for name, v in values.items()}
+            for name, fn in metrics.items():
+                if not callable(fn):
+                    raise TypeError(
+                        f"{type(fn).__name__!r} object is not callable."
+                        + detail(f"metrics[{name!r}]", fn, "a function (predictions, labels) -> number")
+                    )
+                value = fn(predictions, labels) if last_label else fn(predictions)
+                result[name] = float(value.item() if isinstance(value, torch.Tensor) else value)
+        return result
 
     return compute
 
@@ -87,7 +98,8 @@ class BestModel:
 
     def __init__(self, metric_key: str, direction: Literal["min", "max"], device: str | torch.device | None) -> None:
         if direction not in ("min", "max"):
-            raise ValueError(f"direction must be 'min' or 'max'; got {direction!r}")
+            message = "direction must be one of {'min', 'max'}."
+            raise ValueError(message + detail("direction", direction, "'min' or 'max'"))
         self.metric_key = metric_key
         self.direction = direction
         self.device = device
@@ -98,7 +110,7 @@ class BestModel:
     def __call__(self, event: dict[str, Any]) -> None:
         value = float(event[self.metric_key])
         if not math.isfinite(value):
-            raise ValueError(f"BestModel: {self.metric_key}={value} is not finite")
+            raise ValueError(f"Metric {self.metric_key!r} must be finite. Got {value!r}.")
         better = self.best is None or (value < self.best if self.direction == "min" else value > self.best)
         if better:
             self._state = _copy_state(event["model"], self.device)
@@ -109,7 +121,10 @@ class BestModel:
         """Copy the best state into `model` (its parameters keep their identity, device
         and dtype). Raises RuntimeError before any event was seen."""
         if self._state is None:
-            raise RuntimeError(f"BestModel({self.metric_key!r}) has seen no event yet: run the stream first")
+            raise RuntimeError(
+                f"No model state has been captured yet. BestModel({self.metric_key!r}) has seen no event:"
+                " run the stream first."
+            )
         # A deep copy, so that loading twice (or a module mutating its extra state) never
         # changes the kept snapshot.
         model.load_state_dict(deepcopy(self._state))

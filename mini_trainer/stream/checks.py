@@ -1,31 +1,33 @@
-"""Integer arguments of the stream API, checked the way fitstream's callers expect.
+"""Argument checks of the stream API, made to fail as fitstream 0.4.1 fails.
 
-Not `mini_trainer.utils.check_int`: fitstream accepts numpy integers (anything with
-`__index__`) wherever it takes an int, and reports a bad positive count (`batch_size`,
-`every`, `start`) as ValueError whatever its type, so code written for it behaves the same
-here.
+fitstream checks an argument with a plain comparison (`n < 0`, `patience < 1`...), so a
+wrong type raises the comparison's own TypeError and a wrong value raises ValueError with
+fitstream's sentence. These helpers run the same comparison and raise the same type with
+fitstream's text first, then ours: the argument, the value and what is allowed. (The rule,
+and where the stream API deliberately raises more than fitstream: docs/stream.md, "Errors".)
 """
 
 from __future__ import annotations
 
-import operator
+from collections.abc import Callable
 from typing import Any
 
 
-def to_int(name: str, value: Any) -> int:
-    """`value` as an int: Python and numpy integers (anything with `__index__`), not bools.
-    Raises TypeError naming `name` otherwise."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int; got {value!r}")
+def detail(name: str, value: Any, allowed: str) -> str:
+    """What we add after fitstream's message."""
+    return f" Got {name}={value!r}; allowed: {allowed}."
+
+
+def is_bad(name: str, value: Any, allowed: str, bad: Callable[[Any], Any]) -> bool:
+    """`bad(value)`, fitstream's comparison; the TypeError of a value that cannot be
+    compared (a string, None) keeps its text and gains the argument's name."""
     try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}") from None
+        return bool(bad(value))
+    except TypeError as error:
+        raise TypeError(f"{error}.{detail(name, value, allowed)}") from None
 
 
-def to_positive_int(name: str, value: Any) -> int:
-    """`value` as an int >= 1 (numpy integers too); ValueError naming `name` for anything
-    else, a wrong type included."""
-    if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return operator.index(value)
+def check(name: str, value: Any, allowed: str, bad: Callable[[Any], Any], message: str) -> None:
+    """Raise ValueError(`message` + detail) where fitstream raises ValueError(`message`)."""
+    if is_bad(name, value, allowed, bad):
+        raise ValueError(message + detail(name, value, allowed))

@@ -8,6 +8,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from .checks import detail, is_bad
+
 
 class LivePlot:
     """A stream stage and context manager that draws metrics against `step` in one
@@ -15,11 +17,13 @@ class LivePlot:
 
     def __init__(self, keys: tuple[str, ...], *, ax: Any = None, min_interval: float = 1.0) -> None:
         if not keys or not all(isinstance(k, str) and k for k in keys):
-            raise ValueError(f"live_plot needs one or more non-empty metric keys; got {keys!r}")
+            raise ValueError(f"Provide at least one nonempty metric key. Got keys={keys!r}.")
         if len(set(keys)) != len(keys):
-            raise ValueError(f"live_plot keys must be unique; got {keys!r}")
-        if not (isinstance(min_interval, (int, float)) and math.isfinite(min_interval) and min_interval >= 0):
-            raise ValueError(f"min_interval must be a finite number >= 0 (seconds); got {min_interval!r}")
+            raise ValueError(f"Metric keys must be unique. Got keys={keys!r}.")
+        allowed = "a finite number of seconds >= 0"
+        if is_bad("min_interval", min_interval, allowed, lambda v: not math.isfinite(v) or v < 0):
+            message = "min_interval must be finite and nonnegative."
+            raise ValueError(message + detail("min_interval", min_interval, allowed))
         self.keys = keys
         self.ax = ax
         self.min_interval = float(min_interval)
@@ -32,12 +36,15 @@ class LivePlot:
 
     def __enter__(self) -> LivePlot:
         if self._state != "new":
-            raise RuntimeError("a live_plot can be entered once: create a new one for each run")
+            raise RuntimeError("Create a new live_plot context for each run. This one was entered already.")
         try:
             import matplotlib.pyplot as plt
             from IPython.display import DisplayHandle
         except ImportError as error:
-            raise ImportError("live_plot needs matplotlib and IPython: pip install matplotlib ipython") from error
+            raise ImportError(
+                "live_plot requires Matplotlib and IPython. Install with: pip install matplotlib ipython"
+                " (or the 'mini_trainer[stream]' extra)"
+            ) from error
         self._state = "closed"  # until set up completely
         if self._given_ax is None:
             with plt.ioff():  # drawn through the display handle, not by pyplot
@@ -66,7 +73,7 @@ class LivePlot:
         self._require_open()
         step = float(event["step"])
         if not math.isfinite(step):
-            raise ValueError(f"live_plot: event step {event['step']!r} is not finite")
+            raise ValueError(f"Event 'step' must be finite. Got step={event['step']!r}.")
         row = {k: float(event.get(k, math.nan)) for k in self.keys}  # all converted before any is kept
         self.steps.append(step)
         for k, v in row.items():
@@ -104,7 +111,7 @@ class LivePlot:
 
     def _require_open(self) -> None:
         if self._state != "open":
-            raise RuntimeError("use the live plot inside its `with live_plot(...) as plot:` block")
+            raise RuntimeError("Use live_plot inside its 'with' context. Write: with live_plot(...) as plot: ...")
 
 
 def live_plot(*keys: str, ax: Any = None, min_interval: float = 1.0) -> LivePlot:

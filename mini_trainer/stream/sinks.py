@@ -16,6 +16,9 @@ _NEVER_COLLECTED = ("model", "trainer")  # live objects, not metrics
 
 
 def _select(event: Mapping[str, Any], include: Sequence[str] | None, exclude: Sequence[str] | None) -> dict[str, Any]:
+    # Checked for each event, as fitstream does: an empty stream raises nothing, and a
+    # source has given one event (a training epoch has run) when this raises.
+    _check_include_exclude(include, exclude)
     if include is not None:
         return {k: event[k] for k in include if k in event and k not in _NEVER_COLLECTED}
     dropped = set(_NEVER_COLLECTED).union(exclude or ())
@@ -24,10 +27,12 @@ def _select(event: Mapping[str, Any], include: Sequence[str] | None, exclude: Se
 
 def _check_include_exclude(include: Any, exclude: Any) -> None:
     if include is not None and exclude is not None:
-        raise ValueError("give include or exclude, not both")
+        raise ValueError(
+            f"Provide only one of include or exclude. Got include={include!r} and exclude={exclude!r}."
+        )
     for name, keys in (("include", include), ("exclude", exclude)):
         if isinstance(keys, str):
-            raise TypeError(f"{name} must be a list of keys, not a single string ({keys!r}); write [{keys!r}]")
+            raise TypeError(f"{name} must be a list of keys, not a single string ({keys!r}); write [{keys!r}].")
 
 
 _READ_EVERY = 1024  # collect() reads its pending tensors every this many events
@@ -52,7 +57,6 @@ def collect(
     >>> collect([{"step": 1, "loss": 0.5}], include=["loss", "missing"])
     [{'loss': 0.5}]
     """
-    _check_include_exclude(include, exclude)
     rows: list[dict[str, Any]] = []
     done = 0  # rows[:done] hold numbers already
     for event in events:
@@ -84,24 +88,27 @@ def collect_jsonl(
     >>> out.getvalue()
     '{"step": 1, "loss": 0.25}\\n'
     """
-    _check_include_exclude(include, exclude)
     if isinstance(dest, (str, Path)):
         # The file is opened before the first event, i.e. before a trainer has created its
         # workspace: a missing parent directory would fail every run that writes there.
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         with open(dest, "w", encoding="utf-8") as file:
             _write_jsonl(events, file, include, exclude, flush=True)
-    elif callable(getattr(dest, "write", None)):
-        _write_jsonl(events, dest, include, exclude, flush=False)
     else:
-        raise TypeError(f"dest must be a path or an open text file; got {type(dest).__name__}")
+        _write_jsonl(events, dest, include, exclude, flush=False)
 
 
 def _write_jsonl(events, file, include, exclude, flush: bool) -> None:
+    writable = hasattr(file, "write")
     for event in events:
         try:
             line = json.dumps(to_plain(_select(event, include, exclude)))
-        except BaseException as error:  # a value JSON cannot hold: the run ends with the error
+            if not writable:  # fitstream's AttributeError, on the first event as there
+                raise AttributeError(
+                    f"{type(file).__name__!r} object has no attribute 'write'."
+                    f" Got dest={file!r}; allowed: a path or an open text file."
+                )
+        except BaseException as error:  # an event it cannot write: the run ends with the error
             _abort_run(events, error)
             raise
         file.write(line + "\n")
@@ -119,6 +126,6 @@ def collect_pd(
     `pip install pandas`)."""
     try:
         import pandas
-    except ImportError as error:
-        raise ImportError("collect_pd needs pandas: pip install pandas") from error
+    except Exception as error:  # as fitstream: any failure to import it
+        raise ImportError("pandas is required for collect_pd. Install it with: pip install pandas") from error
     return pandas.DataFrame(collect(events, include=include, exclude=exclude))

@@ -11,8 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..utils import check_int
-from .checks import to_positive_int
+from .checks import check, detail
 from .events import Event
 
 
@@ -34,18 +33,25 @@ def iter_batches(
     >>> [tuple(b.tolist() for b in batch) for batch in iter_batches(x, y, batch_size=2, shuffle=False)][-1]
     ([[8, 9]], [4])
     """
-    to_positive_int("batch_size", batch_size)
-    n = _sample_count(tensors, "tensors") if tensors else 0
-    return _batches(tensors, n, batch_size, shuffle, generator)
+    # A generator, as in fitstream: nothing is checked before the first next(). A bad
+    # batch_size fails there as torch's `split` reports it.
+    if not tensors:
+        return
+    n = _sample_count(tensors, "tensors", shuffle)
+    yield from _batches(tensors, n, batch_size, shuffle, generator)
 
 
 def _batches(tensors, n, batch_size, shuffle, generator) -> Iterator[tuple[torch.Tensor, ...]]:
     if not tensors:
         return
     if not shuffle:
-        yield from zip(*(t.split(batch_size) for t in tensors), strict=True)  # same sample count: same chunks
+        # Same sample count (checked above): same chunks. Not strict, as fitstream, for
+        # what is not a tensor.
+        yield from zip(*(t.split(batch_size) for t in tensors), strict=False)
         return
-    device = generator.device if generator is not None else tensors[0].device
+    device = generator.device if isinstance(generator, torch.Generator) else tensors[0].device
+    if n is None:
+        n = tensors[0].shape[0]
     order = torch.randperm(n, device=device, generator=generator).to(tensors[0].device)
     for chunk in order.split(batch_size):
         yield tuple(t[chunk] for t in tensors)
@@ -90,20 +96,27 @@ def epoch_stream(
     >>> event["step"], event["train_loss"]
     (1, 10.0)
     """
-    to_positive_int("batch_size", batch_size)
+    # A generator, as in fitstream: the arguments are checked on the first next(), in
+    # fitstream's order, with fitstream's exception types and messages (plus ours).
+    check("batch_size", batch_size, "an int >= 1", lambda v: v <= 0, "batch_size must be a positive integer.")
     if not train_data:
-        raise ValueError("train_data must hold at least one tensor; got an empty sequence")
+        raise ValueError("train_data must contain at least one tensor." + detail("train_data", train_data, TENSORS))
     if last_label and len(train_data) < 2:
         raise ValueError(
-            f"train_data holds {len(train_data)} tensor(s) but last_label=True needs at least two "
-            "(inputs..., labels); pass last_label=False for label-free losses"
+            "last_label=True requires at least two tensors (inputs and labels)."
+            f" Got {len(train_data)} tensor; pass last_label=False for a loss without labels."
         )
-    check_int("step_offset", step_offset)  # a plain int, as fitstream requires (numpy ints fail there too)
-    if extra is not None and not isinstance(extra, Mapping):
-        raise TypeError(f"extra must be a dict of keys to add to each event; got {type(extra).__name__}")
-    _sample_count(train_data, "train_data")
+    if not isinstance(step_offset, int):
+        raise TypeError("step_offset must be an integer." + detail("step_offset", step_offset, "an int"))
+    extra = extra or {}
+    if not isinstance(extra, Mapping):
+        raise TypeError(
+            f"Event() argument after ** must be a mapping, not {type(extra).__name__}."
+            + detail("extra", extra, "a dict of keys to add to each event")
+        )
+    _sample_count(train_data, "train_data", shuffle)
     batching = (batch_size, shuffle, generator)
-    return _epochs(train_data, model, optimizer, loss_fn, batching, last_label, dict(extra or {}), step_offset)
+    yield from _epochs(train_data, model, optimizer, loss_fn, batching, last_label, extra, step_offset)
 
 
 def _epochs(train_data, model, optimizer, loss_fn, batching, last_label, extra, step_offset) -> Iterator[Event]:
@@ -136,12 +149,20 @@ def _epochs(train_data, model, optimizer, loss_fn, batching, last_label, extra, 
         )
 
 
-def _sample_count(tensors: Sequence[torch.Tensor], name: str) -> int:
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] must be a tensor; got {type(t).__name__}")
-    counts = [t.shape[0] if t.ndim else None for t in tensors]
-    if None in counts or len(set(counts)) != 1:
+TENSORS = "a sequence of tensors with the samples along the first dimension"
+
+
+def _sample_count(tensors: Sequence[torch.Tensor], name: str, shuffle: bool = False) -> int | None:
+    """The tensors' common sample count. Tensors of different lengths raise ValueError
+    (fitstream cuts them to the shortest or drops samples, silently), or IndexError where
+    fitstream raises that (shuffled, a tensor shorter than the first: an index out of
+    bounds). Anything that is not a tensor of at least one dimension is left to fail as it
+    fails in fitstream."""
+    if not all(isinstance(t, torch.Tensor) and t.ndim for t in tensors):
+        return None  # fitstream's AttributeError or IndexError, where it raises them
+    counts = {t.shape[0] for t in tensors}
+    if len(counts) != 1:
         shapes = [tuple(t.shape) for t in tensors]
-        raise ValueError(f"{name} must share their first (sample) dimension; got shapes {shapes}")
-    return counts[0]
+        error = IndexError if shuffle and min(counts) < tensors[0].shape[0] else ValueError
+        raise error(f"{name} must share their first (sample) dimension; got shapes {shapes}")
+    return tensors[0].shape[0]

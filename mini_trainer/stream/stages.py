@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from .checks import to_int, to_positive_int
+from .checks import check, detail
 from .events import Transform, _end_run, _Stage, _stage
 
 
@@ -26,7 +26,8 @@ def pipe(stream: Iterable[dict[str, Any]], *stages: Transform) -> Iterable[dict[
     for index, stage in enumerate(stages):
         if not callable(stage):
             raise TypeError(
-                f"pipe stages must be callable (stream -> stream); stage {index} is {type(stage).__name__} {stage!r}"
+                f"pipe stages must be callable. Got stage {index}: {type(stage).__name__} {stage!r};"
+                " allowed: a function stream -> stream."
             )
         source, stream = stream, stage(stream)
         if not isinstance(stream, _Stage) and isinstance(stream, Iterator):
@@ -45,15 +46,16 @@ def augment(fn: Callable[[dict[str, Any]], dict[str, Any] | None]) -> Transform:
     >>> list(stage([{"x": 1}, {"x": 2}]))
     [{'x': 1}, {'x': 2, 'double': 4}]
     """
-    if not callable(fn):
-        raise TypeError(f"augment needs a callable event -> dict | None; got {type(fn).__name__}")
 
     @_stage
     def stage(events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for event in events:
+            if not callable(fn):  # as in fitstream: found when it is called, on the first event
+                message = f"{type(fn).__name__!r} object is not callable."
+                raise TypeError(message + detail("fn", fn, "a function event -> dict | None"))
             extra = fn(event) or {}  # None (or anything empty) adds nothing
             if not isinstance(extra, dict):
-                raise TypeError(f"the augment function must return a dict or None; it returned {type(extra).__name__}")
+                raise TypeError(f"augment function must return a dict or None. It returned {type(extra).__name__}.")
             yield event | extra
 
     return stage
@@ -72,9 +74,8 @@ def take(n: int) -> Transform:
     >>> list(take(2)(source())), pulled
     ([{'step': 0}, {'step': 1}], [0, 1])
     """
-    n = to_int("take(n): n", n)
-    if n < 0:
-        raise ValueError(f"take(n): n must be >= 0; got {n}")
+    # As in fitstream: a float n passes here and islice rejects it on the first next().
+    check("n", n, "an int >= 0", lambda v: v < 0, "n must be >= 0.")
 
     @_stage
     def stage(events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -98,9 +99,9 @@ def tap(fn: Callable[[dict[str, Any]], Any], *, every: int = 1, start: int = 1) 
     [2, 4, 6]
     """
     if not callable(fn):
-        raise TypeError(f"tap needs a callable event -> any; got {type(fn).__name__}")
-    every = to_positive_int("every", every)
-    start = to_positive_int("start", start)
+        raise TypeError("tap requires a callable." + detail("fn", fn, "a function event -> any"))
+    check("every", every, "an int >= 1", lambda v: v < 1, "every must be >= 1.")
+    check("start", start, "an int >= 1", lambda v: v < 1, "start must be >= 1.")
 
     @_stage
     def stage(events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -116,7 +117,7 @@ def tick(fn: Callable[[], Any]) -> Transform:
     """A stage that calls `fn()` (no arguments: a progress bar's `update`, a timer) once
     per event, before passing the event on unchanged."""
     if not callable(fn):
-        raise TypeError(f"tick needs a callable with no arguments; got {type(fn).__name__}")
+        raise TypeError("tick requires a callable." + detail("fn", fn, "a function with no arguments"))
 
     @_stage
     def stage(events: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -142,11 +143,9 @@ def print_keys(
     >>> show({"loss": torch.tensor(1.5)})
     loss=1.50 ok=NA
     """
-    precision = to_int("precision", precision)
-    if precision < 0:
-        raise ValueError(f"precision must be an int >= 0; got {precision!r}")
+    check("precision", precision, "an int >= 0", lambda v: v < 0, "precision must be >= 0.")
     if not keys and not include_step:
-        raise ValueError("print_keys needs at least one key when include_step=False")
+        raise ValueError("Provide at least one key when include_step=False. Got no key to print.")
 
     def text(value: Any) -> str:
         if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -195,13 +194,12 @@ def ema(
     [2.0, 3.0]
     """
     if (decay is None) == (half_life is None):
-        raise ValueError(f"ema needs exactly one of decay or half_life; got decay={decay!r}, half_life={half_life!r}")
+        raise ValueError(f"Provide exactly one of decay or half_life. Got decay={decay!r}, half_life={half_life!r}.")
     if half_life is not None:
-        if not half_life > 0:
-            raise ValueError(f"half_life must be > 0; got {half_life!r}")
-        decay = 2.0 ** (-1.0 / half_life)
-    if not 0.0 < decay < 1.0:
-        raise ValueError(f"decay must be in (0, 1); got {decay!r}")
+        check("half_life", half_life, "a number > 0", lambda v: v <= 0.0, "half_life must be > 0.")
+        decay = 2.0 ** (-1.0 / half_life)  # NaN and inf half-lives fail as a decay, as in fitstream
+    name_given = "decay" if half_life is None else "decay (from half_life)"
+    check(name_given, decay, "a number in (0, 1)", lambda v: not (0.0 < v < 1.0), "decay must be in (0, 1).")
     name = out_key or f"{key}_ema"
 
     @_stage
@@ -231,13 +229,10 @@ def early_stop(key: str, patience: int, *, mode: Literal["min", "max"] = "min", 
     >>> [e["val"] for e in early_stop("val", patience=2)({"val": v} for v in values)]
     [5, 4, 4.5, 4.2]
     """
-    patience = to_int("patience", patience)
-    if patience < 1:
-        raise ValueError(f"patience must be an int >= 1; got {patience!r}")
+    check("patience", patience, "an int >= 1", lambda v: v < 1, "patience must be >= 1.")
     if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max'; got {mode!r}")
-    if not min_delta >= 0.0:
-        raise ValueError(f"min_delta must be >= 0; got {min_delta!r}")
+        raise ValueError("mode must be one of {'min', 'max'}." + detail("mode", mode, "'min' or 'max'"))
+    check("min_delta", min_delta, "a number >= 0", lambda v: v < 0.0, "min_delta must be >= 0.")
     sign = 1.0 if mode == "min" else -1.0  # compare as "lower is better"
 
     @_stage
