@@ -122,6 +122,24 @@ def test_fast_trainer_is_a_base_trainer_and_resumes_bit_for_bit(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_train_one_epoch_resumes_and_counts_the_trigger_from_the_resume(tmp_path):
+    def trainer():
+        torch.manual_seed(0)
+        model = mlp()
+        trigger = sfl.LossStdTrigger(hardest, sfl.LossStdConfig(std_threshold=10.0, budget_frac=0.2))
+        return sfl.FastTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), trigger_hook=trigger,
+                               log_interval=None, device="cpu", workspace=tmp_path, seed=0,
+                               hooks=[CheckpointingHook(interval=100, path="ckpt")])
+
+    loader = lambda: sfl.dataloader_from_dataset(data(256), batch_size=16, device="cpu")  # noqa: E731
+    first = trainer().train_one_epoch(loader(), nn.CrossEntropyLoss(reduction="none"), steps=4)
+    assert first["step"] == 4 and first["trigger_seen"] == 64 and first["trigger_fired"] > 0
+    resumed = trainer()
+    metrics = resumed.train_one_epoch(loader(), nn.CrossEntropyLoss(reduction="none"), steps=3)
+    assert metrics["step"] == 7 and metrics["trigger_seen"] == 48 and resumed.trigger.seen == 112
+    assert metrics["trigger_fired"] == resumed.trigger.fired - first["trigger_fired"]
+
+
 class StepLosses(BaseHook):
     def __init__(self):
         self.losses = []
@@ -229,6 +247,12 @@ def test_provider_weights_for_the_injected_or_the_concatenated_batch():
     loss, _ = trainer.forward((x, y))
     l = nn.functional.cross_entropy(model(x), y, reduction="none")  # noqa: E741
     torch.testing.assert_close(loss, (l.sum() + (extra_w * l[:2]).sum()) / joined.sum())
+    # A weighted batch: injected samples without weights of their own weigh weight_alpha x 1.
+    w = torch.rand(8) + 0.5
+    trainer, model = weighted_trainer(lambda k, device, ctx: (ctx["inputs"][:k], ctx["targets"][:k]))
+    loss, _ = trainer.forward((x, y, w))
+    l = nn.functional.cross_entropy(model(x), y, reduction="none")  # noqa: E741
+    torch.testing.assert_close(loss, ((w * l).sum() + 1.5 * l[:2].sum()) / (w.sum() + 3.0))
     bad = torch.ones(5)
     trainer, _ = weighted_trainer(lambda k, device, ctx: (ctx["inputs"][:k], ctx["targets"][:k], bad))
     with pytest.raises(ValueError, match=r"1-D tensor of 2 \(the injected samples\) or 10"):
@@ -308,6 +332,7 @@ def test_dataloader_from_dataset_chooses_for_the_device(monkeypatch):
     assert sfl.dataloader_from_dataset(data(), batch_size=16, num_workers=0).num_workers == 0
 
 
+@pytest.mark.slow  # a subprocess importing torch; about 6 s on an idle 2-core machine
 def test_quickstart_example_runs():
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "spiralfastloop_quickstart.py")], cwd=REPO,
                           capture_output=True, text=True, timeout=180)

@@ -101,6 +101,12 @@ def dataloader_from_dataset(dataset: Any, batch_size: int, device: str | torch.d
 # ============================================================================ the trigger
 
 
+def kind(value: Any) -> str:
+    """`value`'s type, with its length for lists and tuples (for error messages)."""
+    return f"{type(value).__name__} of length {len(value)}" if isinstance(value, (list, tuple)) else \
+        type(value).__name__
+
+
 class SeedProvider:
     """A SpiralFastLoop provider `fn(k, device, ctx) -> (inputs, targets)` or `(inputs,
     targets, weights)` as one of ours (`(batch, losses, k) -> samples`).
@@ -123,22 +129,20 @@ class SeedProvider:
 
     def __call__(self, batch: Any, losses: torch.Tensor, k: int) -> Any:
         if not isinstance(batch, (list, tuple)) or len(batch) not in (2, 3):
-            raise TypeError("a SpiralFastLoop provider needs (inputs, targets[, weights]) batches; got "
-                            f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (list, tuple))
-                                                         else ""))
+            raise TypeError(f"a SpiralFastLoop provider needs (inputs, targets[, weights]) batches; got {kind(batch)}")
         own = batch[2] if len(batch) == 3 else None
         ctx = {"loss_vec": losses.detach(), "inputs": batch[0], "targets": batch[1], "weights": own,
                "batch": batch, "k": k}
         out = self.fn(k, losses.device, ctx)
         if not isinstance(out, (list, tuple)) or len(out) not in (2, 3):
-            got = f"{type(out).__name__} of length {len(out)}" if isinstance(out, (list, tuple)) else type(out).__name__
             raise TypeError(f"the trigger's provider must return (inputs, targets) or (inputs, targets, weights); "
-                            f"got {got}")
-        samples = type(batch)(out[:2]) if isinstance(batch, list) else tuple(out[:2])
+                            f"got {kind(out)}")
+        container = list if isinstance(batch, list) else tuple  # check_same_structure takes either
+        samples = container(out[:2])
         weights = self._check_weights(out[2], batch, batch_size(samples)) if len(out) == 3 else None
         if own is not None:  # mirror the batch: its third item is the injected samples' own weights
             ones = torch.ones(batch_size(samples), dtype=own.dtype, device=own.device)
-            samples = type(batch)([*samples, weights.to(own.dtype) if weights is not None else ones])
+            samples = container([*samples, weights.to(own.dtype) if weights is not None else ones])
         self.last_samples, self.last_weights = samples, weights
         return samples
 
@@ -198,9 +202,8 @@ def check_criterion(criterion: Any, per_sample: bool) -> Any:
 
 def check_batch(batch: Any) -> None:
     if not isinstance(batch, (list, tuple)) or len(batch) not in (2, 3):
-        got = f"{type(batch).__name__} of length {len(batch)}" if isinstance(batch, (list, tuple)) else \
-            type(batch).__name__
-        raise TypeError(f"FastTrainer needs (inputs, targets) or (inputs, targets, sample_weights) batches; got {got}"
+        raise TypeError(f"FastTrainer needs (inputs, targets) or (inputs, targets, sample_weights) batches; got "
+                        f"{kind(batch)}"
                         " (subclass it and override forward(batch) for others)")
 
 
@@ -256,6 +259,7 @@ class FastTrainer(SurpriseRepairTrainer):
         self.log_interval = log_interval
         self.compile_request = compile
         self.eager_model: nn.Module | None = None  # the model before torch.compile, while compiled
+        self.trigger_baseline = (0, 0, 0)  # the trigger's counters when train_one_epoch began
         self.criterion = check_criterion(criterion, trigger_hook is not None) if criterion is not None else None
 
     def build_hooks(self) -> list:
@@ -346,11 +350,19 @@ class FastTrainer(SurpriseRepairTrainer):
         samples injected, mean cv)."""
         check_int("steps", steps, minimum=1, allow_none=True)
         self.criterion = check_criterion(criterion, self.trigger is not None)
-        trigger = self.trigger
-        before = (trigger.fired, trigger.injected, trigger.seen) if trigger is not None else None
+        self.trigger_baseline = self.trigger_counters()
         metrics = self.fit(loader, epochs=1, steps=steps)
-        if trigger is not None:
-            metrics["trigger_fired"] = trigger.fired - before[0]
-            metrics["trigger_injected"] = trigger.injected - before[1]
-            metrics["trigger_seen"] = trigger.seen - before[2]
+        if self.trigger is not None:
+            now = self.trigger_counters()
+            for name, value, before in zip(("fired", "injected", "seen"), now, self.trigger_baseline, strict=True):
+                metrics[f"trigger_{name}"] = value - before
         return metrics
+
+    def trigger_counters(self) -> tuple[int, int, int]:
+        """The trigger's `fired`, `injected`, `seen` so far (zeros without one)."""
+        trigger = self.trigger
+        return (trigger.fired, trigger.injected, trigger.seen) if trigger is not None else (0, 0, 0)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], **kwargs: Any) -> None:
+        super().load_state_dict(state_dict, **kwargs)
+        self.trigger_baseline = self.trigger_counters()  # a resume inside train_one_epoch: count from here
