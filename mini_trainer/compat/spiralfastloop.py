@@ -25,7 +25,10 @@ What maps to what:
 What differs: injected samples go through the model on their own (the batch is not
 re-forwarded; `reforward_all=True` does, as SpiralFastLoop did); `amp="auto"` runs full
 precision on CPU and MPS (bf16 on CUDA where supported, else fp16 with a GradScaler);
-`compile="auto"` compiles on CUDA only (compiling takes longer than a short CPU run saves).
+`compile="auto"` compiles on CUDA only (compiling takes longer than a short CPU run saves);
+BaseTrainer's non-finite-gradient check stays on (one host read per step; pass
+`max_non_finite_grad_retries=None` to drop it); under torchrun a trigger needs a provider
+that picks from the batch (`HardestK`): SpiralFastLoop-style providers run on one process.
 """
 
 from __future__ import annotations
