@@ -4,9 +4,14 @@ exit layer, and that the trainer's features (accumulation, AMP, checkpoints) sti
 from __future__ import annotations
 
 import math
+import os
+import re
+import sys
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mini_trainer import CheckpointingHook
@@ -209,15 +214,21 @@ def test_cnn_blocks_train_and_non_vector_outputs_are_refused_without_auto_flatte
     [
         (dict(), TypeError, "needs num_classes"),
         (dict(num_classes=1), ValueError, "SpelaConfig.num_classes must be an integer >= 2"),
-        (dict(num_classes=3, embeddings_method="farthest"), ValueError,
-         "embeddings_method must be one of 'energy', 'random'"),
+        (dict(num_classes=3, embeddings_method="nearest"), ValueError,
+         "SpelaConfig.embeddings_method must be one of 'energy', 'farthest', 'random'; got 'nearest'"),
         (dict(num_classes=3, momentum=1.0), ValueError, r"momentum must be in \[0, 1\)"),
-        (dict(num_classes=3, grad_clip=0), ValueError, "SpelaConfig.grad_clip"),
+        (dict(num_classes=3, grad_clip_norm=0), ValueError, "SpelaConfig.grad_clip_norm must be a positive"),
+        (dict(num_classes=3, device=1.5), TypeError, "SpelaConfig.device must be None, \"auto\", a device name"),
+        (dict(num_classes=3, device="gpu7"), ValueError, "SpelaConfig.device must be .*; got 'gpu7'"),
+        (dict(num_classes=3, dtype="int8"), ValueError, "SpelaConfig.dtype must be None or a floating dtype .*'int8'"),
+        (dict(num_classes=3, dtype=torch.int64), ValueError, "SpelaConfig.dtype must be .*torch.int64"),
+        (dict(num_classes=3, amp="yes"), TypeError, "SpelaConfig.amp must be True or False; got 'yes'"),
+        (dict(num_classes=3, center_layer_inputs=1), TypeError, "SpelaConfig.center_layer_inputs must be True or"),
     ],
 )
 def test_bad_settings_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
-        SpelaTrainer(mlp(), device="cpu", **kwargs)
+        SpelaTrainer(mlp(), **{"device": "cpu", **kwargs})
 
 
 def test_exit_layer_out_of_range_is_named():
@@ -258,3 +269,204 @@ def test_subclassing_with_build_model_and_data():
     run.train()
     x, y = blobs()
     assert run.evaluate([(x, y)])["accuracy"] > 0.8
+
+
+# ----------------------------------------------------------------------------- the seed project's settings
+
+
+def test_every_seed_readme_field_is_accepted_and_maps_onto_the_trainer():
+    cfg = SpelaConfig(num_classes=4, lr=5e-2, momentum=0.9, weight_decay=1e-4, device="cpu", dtype="float64",
+                      auto_flatten=True, normalize_layer_inputs=True, amp=True, grad_clip_norm=2.0,
+                      embeddings_method="farthest", seed=3)
+    assert cfg.dtype is torch.float64
+    torch.manual_seed(0)
+    x, y = blobs()
+    run = SpelaTrainer(mlp(), config=cfg, data_loader=tensor_loader(x, y, batch_size=16), max_steps=30)
+    assert run.grad_clip == 2.0 and run.device == torch.device("cpu") and run.mixed_precision == "auto"
+    assert run.autocast_dtype is None  # "auto" is full precision on the CPU, bf16/fp16 on CUDA
+    run.train()
+    assert all(p.dtype == torch.float64 for p in run.spela_net.parameters())  # dtype: the layers' parameters
+    assert run.evaluate([(x, y)])["accuracy"] > 0.8  # float32 inputs are cast to the layers' dtype
+    torch.testing.assert_close(run.spela_net.vectors(0, 32, torch.device("cpu")), class_vectors(4, 32, "farthest", 3))
+
+
+def test_grad_clip_norm_clips_each_layer_like_the_trainer_keyword():
+    by_field, by_keyword = trainer(steps=5, grad_clip_norm=1e-3), trainer(steps=5, grad_clip=1e-3)
+    by_field.train()
+    by_keyword.train()
+    assert by_field.grad_clip == by_keyword.grad_clip == 1e-3
+    for a, b in zip(by_field.spela_net.parameters(), by_keyword.spela_net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "config, kwargs, match",
+    [
+        (dict(grad_clip_norm=2.0), dict(grad_clip=1.0), r"grad_clip=1.0 and SpelaConfig.grad_clip_norm=2.0"),
+        (dict(device="cpu"), dict(device="meta"), r"device='meta' and SpelaConfig.device='cpu'"),
+        (dict(amp=True), dict(mixed_precision="bf16"), r"mixed_precision='bf16' and SpelaConfig.amp=True"),
+    ],
+)
+def test_config_fields_and_trainer_keywords_that_disagree_are_named(config, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SpelaTrainer(mlp(), config=SpelaConfig(num_classes=4, **config), **kwargs)
+
+
+def test_agreeing_config_fields_and_trainer_keywords_are_fine():
+    run = SpelaTrainer(mlp(), config=SpelaConfig(num_classes=4, device="cpu", grad_clip_norm=1.0, amp=True),
+                       device=torch.device("cpu"), grad_clip=1.0, mixed_precision="auto")
+    assert run.grad_clip == 1.0 and run.mixed_precision == "auto"
+
+
+# ----------------------------------------------------------------------------- "farthest" class vectors
+
+
+@pytest.mark.parametrize("dim", [16, 32, 64])
+def test_farthest_keeps_every_class_apart_and_is_deterministic(dim):
+    farthest = class_vectors(10, dim, "farthest", seed=0)
+    assert farthest.shape == (10, dim)
+    torch.testing.assert_close(farthest.norm(dim=1), torch.ones(10))
+    assert torch.equal(farthest, class_vectors(10, dim, "farthest", seed=0))
+    assert not torch.equal(farthest, class_vectors(10, dim, "farthest", seed=1))
+    angle = min_pairwise_angle(farthest)  # 85.9, 86.9, 88.9 degrees for dims 16, 32, 64
+    random_angles = [min_pairwise_angle(class_vectors(10, dim, "random", seed=s)) for s in range(5)]
+    simplex = min_pairwise_angle(class_vectors(10, dim, "energy"))  # 96.4: the optimum, arccos(-1/9)
+    assert 80.0 < angle <= simplex + 1e-6
+    assert angle > max(random_angles)
+    # No two classes share a vector (the seed's version kept the wrong extreme and collapsed them):
+    # every class's nearest class vector is itself.
+    assert torch.equal((farthest @ farthest.T).argmax(dim=1), torch.arange(10))
+    for seed in range(1, 5):
+        assert min_pairwise_angle(class_vectors(10, dim, "farthest", seed=seed)) > 80.0
+
+
+def test_farthest_with_more_classes_than_dimensions_still_spreads():
+    many = class_vectors(40, 8, "farthest", seed=0)
+    assert min_pairwise_angle(many) > min_pairwise_angle(class_vectors(40, 8, "random", seed=0)) + 10
+
+
+# ----------------------------------------------------------------------------- CNN blocks
+
+
+def stripes(n, seed, size=16, noise=1.5):
+    """3 x size x size images of oriented stripes + noise: 5 orientations x 2 frequencies."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    angle = (y % 5).float() * math.pi / 5 + torch.randn(n, generator=g) * 0.05
+    frequency = torch.where(y < 5, 0.6, 1.4)
+    phase = torch.rand(n, generator=g) * 2 * math.pi
+    grid = torch.arange(size, dtype=torch.float32) - size / 2
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")
+    along = cols[None] * torch.cos(angle)[:, None, None] + rows[None] * torch.sin(angle)[:, None, None]
+    image = torch.sin(along * frequency[:, None, None] + phase[:, None, None])
+    return (image[:, None].expand(n, 3, size, size) + noise * torch.randn(n, 3, size, size, generator=g)), y
+
+
+def readme_cnn_blocks():
+    block1 = nn.Sequential(nn.Conv2d(3, 32, kernel_size=3, stride=1, padding=1), nn.BatchNorm2d(32),
+                           nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    block2 = nn.Sequential(nn.Linear(32, 64), nn.ReLU(inplace=True))
+    return [block1, block2, nn.Linear(64, 10)]
+
+
+def cnn_accuracy(layers, epochs=3, **config):
+    xtr, ytr = stripes(1200, 0)
+    xte, yte = stripes(400, 1)
+    run = SpelaTrainer(nn.Sequential(), layers, [None, None, nn.Identity()],
+                       SpelaConfig(num_classes=10, lr=5e-2, **config), device="cpu", seed=0)
+    run.fit(tensor_loader(xtr, ytr, batch_size=64), epochs=epochs)
+    return run.evaluate(tensor_loader(xte, yte, batch_size=400, shuffle=False))
+
+
+def test_readme_cnn_blocks_learn_well_above_chance():
+    torch.manual_seed(0)
+    results = cnn_accuracy(readme_cnn_blocks())
+    assert results["accuracy"] > 0.6  # chance: 0.1 (benchmarks/spela_cnn.py: 0.98 at 5 epochs, 3000 images)
+    torch.manual_seed(0)
+    seed_inputs = cnn_accuracy(readme_cnn_blocks(), center_layer_inputs=False)
+    assert seed_inputs["accuracy"] < results["accuracy"] - 0.2  # the seed's layer inputs barely learn
+
+
+def test_centering_removes_the_common_direction_of_pooled_relu_features():
+    net = SpelaNet(readme_cnn_blocks(), [None, None, None], SpelaConfig(num_classes=10))
+    h = net.layer_output(net.layer_input(stripes(64, 0)[0], 0), 0)
+    assert (h >= 0).all()
+    centred = net.layer_input(h, 1)
+    torch.testing.assert_close(centred.sum(dim=1), torch.zeros(64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(centred.norm(dim=1), torch.ones(64))
+    raw = SpelaNet(readme_cnn_blocks(), None, SpelaConfig(num_classes=10, center_layer_inputs=False)).layer_input(h, 1)
+    assert F.cosine_similarity(raw, torch.ones_like(raw)).min() > 0.9  # what the next layer saw before
+
+
+def test_nonnegative_vectors_only_for_layers_ending_in_a_non_negative_activation():
+    net = SpelaNet(readme_cnn_blocks(), [None, None, None], SpelaConfig(num_classes=10, nonnegative_vectors=True))
+    assert [net.non_negative_output(k) for k in range(3)] == [True, True, False]
+    v = net.vectors(0, 32, torch.device("cpu"))
+    assert (v >= 0).all() and torch.allclose(v @ v.T, torch.eye(10), atol=1e-6)
+    assert (net.vectors(2, 10, torch.device("cpu")) < 0).any()  # the head keeps the simplex
+    assert not SpelaNet(readme_cnn_blocks(), None, SpelaConfig(num_classes=10)).vectors(0, 32, "cpu").ge(0).all()
+
+
+# ----------------------------------------------------------------------------- the seed README's code
+
+
+SEED_README = os.environ.get("SPELA_SEED_README", "/work/shared/seeds/spela-fast-ann-training-README.txt")
+
+
+def mnist_shaped(n, seed=0):
+    """(n, 1, 28, 28) images: one random template per class plus noise, and their labels."""
+    templates = torch.randn(10, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return templates[labels] + torch.randn(n, 1, 28, 28, generator=g), labels
+
+
+@pytest.fixture
+def seed_imports(monkeypatch):
+    """`from src.spela_train import SpelaTrainer, SpelaConfig` resolves to our modules."""
+    import mini_trainer.strategies.spela as ours
+
+    package = types.ModuleType("src")
+    package.spela_train = ours
+    monkeypatch.setitem(sys.modules, "src", package)
+    monkeypatch.setitem(sys.modules, "src.spela_train", ours)
+
+
+def readme_python_blocks():
+    if not os.path.exists(SEED_README):
+        pytest.skip(f"the seed README is not at {SEED_README} (set SPELA_SEED_README)")
+    text = open(SEED_README, encoding="utf-8").read()
+    return [block for block in re.findall(r"```\n(.*?)```", text, re.S) if "spela_train" in block]
+
+
+def test_seed_readme_code_blocks_run_through_an_import_alias(seed_imports):
+    mlp_block, cnn_block = readme_python_blocks()
+    torch.manual_seed(0)
+    images, labels = mnist_shaped(64)
+    namespace = {"train_loader": tensor_loader(images, labels, batch_size=32), "test_loader": [(images, labels)],
+                 "print": lambda *args: None}
+    exec(compile(mlp_block, "seed README: MLP", "exec"), namespace)  # fits 10 epochs, evaluates
+    assert set(namespace["acc"]) == {"exit_1_accuracy", "exit_2_accuracy", "accuracy"}
+    assert namespace["acc"]["accuracy"] > 0.8
+    exec(compile(cnn_block, "seed README: CNN blocks", "exec"), namespace)
+    cnn = namespace["trainer"]
+    assert isinstance(cnn, SpelaTrainer) and cnn.config.lr == 5e-3
+    cnn.fit(tensor_loader(*stripes(1200, 0), batch_size=64), epochs=3)  # the README's lr, 5e-3
+    assert cnn.evaluate(tensor_loader(*stripes(400, 1), batch_size=400))["accuracy"] > 0.3  # chance: 0.1
+
+
+def test_seed_readme_calls_without_the_readme(seed_imports):
+    from src.spela_train import SpelaConfig as Config  # the seed's import line
+    from src.spela_train import SpelaTrainer as Trainer
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(784, 1024), nn.Linear(1024, 10)
+
+    torch.manual_seed(0)
+    model = MLP()
+    run = Trainer(model, [model.fc1, model.fc2], [nn.ReLU(), nn.Identity()], Config(num_classes=10, lr=1e-2))
+    images, labels = mnist_shaped(64)
+    run.fit(tensor_loader(images, labels, batch_size=32), epochs=10)  # (B, 1, 28, 28) flattened for fc1
+    assert run.evaluate([mnist_shaped(64, seed=1)])["accuracy"] > 0.8  # the same templates, new noise

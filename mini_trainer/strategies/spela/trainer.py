@@ -1,16 +1,4 @@
-"""SPELA: learning with a single forward pass (Somasundaram, Mishra, Borthakur, arXiv:2402.09769).
-
-Every trained layer k has fixed unit vectors v_k[c], one per class, of its output width
-(`class_vectors`: a regular simplex or an energy-minimising spread). One step, per batch:
-
-    h_0 = the input
-    for k = 1..K:
-        h_k = act_k(layer_k(normalise(h_{k-1})))          # unit L2 norm in, per sample
-        loss_k = -cos(h_k, v_k[y]).mean()                 # a loss local to layer k
-        loss_k.backward(); update layer k                 # no gradient crosses layers
-        h_k = h_k.detach()                                # only this activation lives on
-
-Prediction is argmax_c cos(h_k, v_k[c]) at the last layer or any earlier one ("early exit").
+"""`SpelaTrainer`: SPELA's per-layer step on BaseTrainer.
 
 With one micro-batch per step, layer k is updated (and its gradients freed) before layer
 k+1 runs, so a step holds one layer's activations and one layer's gradients at a time, not
@@ -21,154 +9,22 @@ must live until the last micro-batch; the update then happens in the trainer's u
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..builder import REGISTRY
-from ..data import split_train_loader
-from ..trainer import BaseTrainer, NonFiniteGradientError
-from ..utils import check_choice, check_int, check_number, eval_mode
-from .class_vectors import class_vectors
-from .config_fields import pop_config_fields
+from ...builder import REGISTRY
+from ...data import split_train_loader
+from ...trainer import BaseTrainer, NonFiniteGradientError
+from ...utils import eval_mode
+from ..config_fields import pop_config_fields
+from .config import SpelaConfig
+from .net import SpelaNet, negative_cosine
 
-__all__ = ["SpelaConfig", "SpelaNet", "SpelaTrainer"]
-
-
-@dataclasses.dataclass
-class SpelaConfig:
-    """SPELA's settings (also accepted as `SpelaTrainer` keywords).
-
-    num_classes: classes of the task. lr, momentum, weight_decay: each layer's SGD.
-    normalize_layer_inputs: L2-normalise every layer's input, the raw input included.
-    auto_flatten: flatten the raw input for a first `nn.Linear`, and any layer output that
-        is not yet a vector per sample (a CNN block without pool + flatten); False raises.
-    embeddings_method: "energy" (least electrostatic energy; a regular simplex when
-        classes <= width + 1) or "random" (normalised Gaussian).
-    seed: the class vectors' seed (layer k uses seed + k).
-    grad_clip: clip each layer's gradient norm to this (None: no clipping).
-    """
-
-    num_classes: int
-    lr: float = 1e-2
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    normalize_layer_inputs: bool = True
-    auto_flatten: bool = True
-    embeddings_method: str = "energy"
-    seed: int = 0
-    grad_clip: float | None = None
-
-    def __post_init__(self) -> None:
-        check_int("SpelaConfig.num_classes", self.num_classes, minimum=2)
-        check_number("SpelaConfig.lr", self.lr, positive=True)
-        check_number("SpelaConfig.momentum", self.momentum)
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"SpelaConfig.momentum must be in [0, 1); got {self.momentum!r}")
-        check_number("SpelaConfig.weight_decay", self.weight_decay)
-        if self.weight_decay < 0:
-            raise ValueError(f"SpelaConfig.weight_decay must be >= 0; got {self.weight_decay!r}")
-        check_choice("SpelaConfig.embeddings_method", self.embeddings_method, ("energy", "random"))
-        check_int("SpelaConfig.seed", self.seed)
-        check_number("SpelaConfig.grad_clip", self.grad_clip, positive=True, allow_none=True)
-
-
-_NORMALISATION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-
-
-class SpelaNet(nn.Module):
-    """The trained layers, their activations and (computed, not stored) class vectors.
-
-    The class vectors are a deterministic function of (num_classes, width, method, seed + k),
-    so they are recomputed rather than saved: checkpoints hold only the layers."""
-
-    def __init__(self, layers: Sequence[nn.Module], activations: Sequence[Any] | None, config: SpelaConfig) -> None:
-        super().__init__()
-        if not layers:
-            raise ValueError("SPELA needs at least one layer to train")
-        for i, layer in enumerate(layers):
-            if not isinstance(layer, nn.Module) or not any(p.requires_grad for p in layer.parameters()):
-                raise TypeError(f"layers[{i}] must be an nn.Module with trainable parameters; got {layer!r}")
-        if activations is None:
-            activations = [None] * len(layers)
-        if len(activations) != len(layers):
-            raise ValueError(f"activations must have one entry per layer ({len(layers)}); got {len(activations)}")
-        self.layers = nn.ModuleList(layers)
-        self.activations = nn.ModuleList(_as_module(a, i) for i, a in enumerate(activations))
-        self.config = config
-        self._vectors: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-
-    @classmethod
-    def from_sequential(cls, model: nn.Sequential, config: SpelaConfig) -> SpelaNet:
-        """Split an `nn.Sequential` into trained layers: every module with parameters starts
-        one (normalisation layers stay with the layer before them), and the parameter-free
-        modules after it (activation, dropout, pooling, flatten) become its activation."""
-        layers: list[nn.Module] = []
-        activations: list[list[nn.Module]] = []
-        leading: list[nn.Module] = []
-        for module in model:
-            has_params = any(True for _ in module.parameters())
-            if has_params and not (isinstance(module, _NORMALISATION) and layers):
-                layers.append(nn.Sequential(*leading, module) if leading else module)
-                activations.append([])
-                leading = []
-            elif layers:
-                activations[-1].append(module)
-            else:
-                leading.append(module)  # e.g. a Flatten before the first layer
-        if not layers:
-            raise ValueError("the nn.Sequential has no module with parameters: nothing to train")
-        acts = [nn.Sequential(*a) if len(a) > 1 else (a[0] if a else None) for a in activations]
-        return cls(layers, acts, config)
-
-    def vectors(self, k: int, width: int, device: torch.device) -> torch.Tensor:
-        key = (k, width, device)
-        if key not in self._vectors:
-            cfg = self.config
-            self._vectors[key] = class_vectors(cfg.num_classes, width, cfg.embeddings_method, cfg.seed + k).to(device)
-        return self._vectors[key]
-
-    def layer_input(self, h: torch.Tensor, k: int) -> torch.Tensor:
-        if k == 0 and h.ndim > 2 and isinstance(self.layers[0], nn.Linear) and self.config.auto_flatten:
-            h = h.flatten(1)
-        if self.config.normalize_layer_inputs:
-            h = h / h.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (h.ndim - 1)))
-        return h
-
-    def layer_output(self, h: torch.Tensor, k: int) -> torch.Tensor:
-        out = self.activations[k](self.layers[k](h))
-        if out.ndim != 2:
-            if not self.config.auto_flatten:
-                raise ValueError(
-                    f"layer {k + 1} gives an output of shape {tuple(out.shape)}; SPELA needs one vector per "
-                    "sample: end the block with pooling + nn.Flatten() (or set auto_flatten=True)"
-                )
-            out = out.flatten(1)
-        return out
-
-    def similarities(self, out: torch.Tensor, k: int) -> torch.Tensor:
-        """cos(h_k, v_k[c]) for every class: (batch, num_classes)."""
-        vectors = self.vectors(k, out.shape[1], out.device)
-        return F.normalize(out.float(), dim=1) @ vectors.T
-
-    def forward(self, x: torch.Tensor, exit_layer: int = -1) -> torch.Tensor:
-        """Class similarities at `exit_layer` (an index into the layers; -1: the last)."""
-        check_int("exit_layer", exit_layer)
-        if not -len(self.layers) <= exit_layer < len(self.layers):
-            raise ValueError(
-                f"exit_layer must index one of the {len(self.layers)} layers "
-                f"(0..{len(self.layers) - 1}, or -1 for the last); got {exit_layer}"
-            )
-        exit_layer %= len(self.layers)
-        h = x
-        for k in range(exit_layer + 1):
-            h = self.layer_output(self.layer_input(h, k), k)
-        return self.similarities(h, exit_layer)
+__all__ = ["SpelaTrainer"]
 
 
 @REGISTRY.register()
@@ -181,7 +37,9 @@ class SpelaTrainer(BaseTrainer):
     `SpelaNet.from_sequential`), or a subclass overriding `build_model` to return a
     `SpelaNet`. Config fields may be keywords; every other keyword is BaseTrainer's
     (max_steps, data_loader, hooks, mixed_precision, gradient_accumulation_steps, ...).
-    `grad_clip` clips each layer separately; `seed` also seeds the class vectors.
+    `grad_clip` (or `grad_clip_norm`) clips each layer separately; `seed` also seeds the
+    class vectors. The config's `device`, `amp` and `grad_clip_norm` become the trainer's
+    `device`, `mixed_precision="auto"` and `grad_clip`; one given both ways must agree.
 
     `trainer.evaluate(loader)` returns the accuracy at every exit layer.
     Batches are `(inputs, labels)`. Multi-process runs are refused for now.
@@ -198,9 +56,10 @@ class SpelaTrainer(BaseTrainer):
         config: SpelaConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        fields = pop_config_fields(SpelaConfig, kwargs, shared=("seed",))
-        if "seed" in kwargs:
-            fields["seed"] = kwargs["seed"]  # seeds the run and the class vectors
+        fields = pop_config_fields(SpelaConfig, kwargs, shared=("seed", "device"))
+        for shared in ("seed", "device"):  # seed: the run's and the class vectors'
+            if shared in kwargs:
+                fields[shared] = kwargs[shared]
         if config is None:
             if "num_classes" not in fields:
                 raise TypeError(
@@ -209,10 +68,11 @@ class SpelaTrainer(BaseTrainer):
             config = SpelaConfig(**fields)
         elif not isinstance(config, SpelaConfig):
             raise TypeError(f"config must be a SpelaConfig; got {type(config).__name__}")
-        elif fields.keys() - {"seed"}:
+        elif fields.keys() - {"seed", "device"}:
             raise TypeError(f"give SPELA settings either in config or as keywords, not both: {sorted(fields)}")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+        _apply_config_to_trainer(config, kwargs)
         self.config = config
         self._user_model = model
         self._user_layers = layers
@@ -284,7 +144,8 @@ class SpelaTrainer(BaseTrainer):
         for k in range(len(net.layers)):
             out = net.layer_output(net.layer_input(h, k), k)
             target = net.vectors(k, out.shape[1], out.device)[labels]
-            loss = _negative_cosine(out.float(), target)
+            dtype = torch.promote_types(out.dtype, torch.float32)
+            loss = negative_cosine(out.to(dtype), target.to(dtype))
             self._local_backward(loss)
             if self._updates_each_layer_at_once:
                 self._update_layer(k)
@@ -311,7 +172,7 @@ class SpelaTrainer(BaseTrainer):
             scaler.unscale_(self.optimizer)  # only layer k has gradients now
         check = scaler is None and self.max_non_finite_grad_retries is not None
         # The norm costs a pass over the gradients: only when clipping or the check needs it.
-        norm = self._clip_layer(params) if check or self.config.grad_clip is not None else None
+        norm = self._clip_layer(params) if check or self.grad_clip is not None else None
         if check and not math.isfinite(norm):  # one host read per layer (on CUDA: a sync per layer)
             # Earlier layers of this batch are already updated, so the step cannot be redone.
             raise NonFiniteGradientError(
@@ -332,8 +193,8 @@ class SpelaTrainer(BaseTrainer):
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
-        if self.config.grad_clip is not None:
-            return torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip, foreach=True)
+        if self.grad_clip is not None:
+            return torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
         return torch.nn.utils.get_total_norm(grads, foreach=True)
 
     def clip_and_measure_gradients(self) -> torch.Tensor | None:
@@ -394,26 +255,31 @@ class SpelaTrainer(BaseTrainer):
         return results
 
 
-def _negative_cosine(out: torch.Tensor, unit_targets: torch.Tensor) -> torch.Tensor:
-    """-cos(out, target) averaged over the batch; the targets are unit vectors already, so
-    this is cheaper than F.cosine_similarity (which normalises both sides)."""
-    return -((out * unit_targets).sum(dim=1) / out.norm(dim=1).clamp_min(1e-8)).mean()
+def _device_name(device: Any) -> str:
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
-class _Function(nn.Module):
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.fn = fn
+def _apply_config_to_trainer(config: SpelaConfig, kwargs: dict[str, Any]) -> None:
+    """The config's trainer settings become BaseTrainer keywords; explicit keywords that
+    disagree with them are an error naming both."""
+    def conflict(keyword: str, field: str) -> ValueError:
+        return ValueError(
+            f"SpelaTrainer got {keyword}={kwargs[keyword]!r} and SpelaConfig.{field}={getattr(config, field)!r}, "
+            f"which disagree ({field} is the trainer's {keyword}): give one of them"
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-
-def _as_module(activation: Any, index: int) -> nn.Module:
-    if activation is None:
-        return nn.Identity()
-    if isinstance(activation, nn.Module):
-        return activation
-    if callable(activation):
-        return _Function(activation)
-    raise TypeError(f"activations[{index}] must be None, an nn.Module or a callable; got {activation!r}")
+    if config.grad_clip_norm is not None:
+        if kwargs.get("grad_clip") not in (None, config.grad_clip_norm):
+            raise conflict("grad_clip", "grad_clip_norm")
+        kwargs["grad_clip"] = config.grad_clip_norm
+    if config.device is not None:
+        if "device" in kwargs and _device_name(kwargs["device"]) != _device_name(config.device):
+            raise conflict("device", "device")
+        kwargs["device"] = config.device
+    if config.amp:
+        if kwargs.get("mixed_precision", "auto") != "auto":
+            raise ValueError(
+                f"SpelaTrainer got mixed_precision={kwargs['mixed_precision']!r} and SpelaConfig.amp=True, which "
+                "disagree (amp=True is mixed_precision='auto', the device's best dtype): give one of them"
+            )
+        kwargs["mixed_precision"] = "auto"
