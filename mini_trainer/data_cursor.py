@@ -19,7 +19,7 @@ import torch
 
 from .data import epoch_sampler
 from .rng import preserved_rng
-from .utils import map_nested_tensor
+from .utils import to_device
 
 __all__ = ["END_OF_DATA", "DataCursor", "cursor_field"]
 
@@ -104,8 +104,7 @@ class DataCursor:
         """`batch` with every tensor in it copied to the device (non-blocking; as is on the CPU)."""
         if self._device is None:
             return batch
-        device = self._device
-        return map_nested_tensor(lambda t: t.to(device, non_blocking=True), batch)
+        return to_device(batch, self._device)
 
     def roll_over(self) -> None:
         """Count the current epoch as done; the next batch starts the next one."""

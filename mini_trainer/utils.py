@@ -54,6 +54,12 @@ def map_nested_tensor(fn: Callable[[torch.Tensor], Any], data: Any) -> Any:
     return data
 
 
+def to_device(data: Any, device: torch.device | str) -> Any:
+    """`data` with every tensor inside it copied to `device` (non-blocking: overlaps with
+    compute when the source is pinned memory)."""
+    return map_nested_tensor(lambda t: t.to(device, non_blocking=True), data)
+
+
 def flatten_dict(nested: Mapping, sep: str = ".", prefix: str = "") -> dict[str, Any]:
     """`{"a": {"b": 1}}` -> `{"a.b": 1}`. Keys must be strings."""
     flat: dict[str, Any] = {}

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ...utils import check_int, map_nested_tensor
+from ...utils import check_int, map_nested_tensor, to_device
 from .batches import batch_tensors, concat_samples, select_samples
 
 __all__ = ["HardestK", "ReplayBuffer", "GeneratorProvider"]
@@ -81,7 +81,7 @@ class ReplayBuffer:
         k = min(k, self.losses.shape[0])
         index = self._last = torch.topk(self.losses, k).indices
         device = batch_tensors(batch)[0].device
-        return map_nested_tensor(lambda t: t.to(device, non_blocking=True), select_samples(self.samples, index))
+        return to_device(select_samples(self.samples, index), device)
 
     def update(self, losses: torch.Tensor) -> None:
         """The injected samples' losses now: learnt ones sink and make room for others."""
