@@ -36,6 +36,7 @@ __all__ = [
     "count_samples",
     "key_average",
     "mean_loss",
+    "to_host_floats",
 ]
 
 class _MeanState:
@@ -146,12 +147,10 @@ class MetricMeans:
     def device_mean(self, name: str) -> Any:
         """The mean of `name` as a 0-d float64 tensor on the values' device (no host sync),
         or a float when only Python numbers were added."""
-        state = self._states[name]
-        if state.pending:
-            state.fold_pending()
-        if state.dev_sum is None:
-            return state.host_sum / state.host_count if state.host_count else math.nan
-        return (state.dev_sum + state.host_sum) / (state.dev_count + state.host_count)
+        total, state = self.device_sum(name), self._states[name]
+        if state.dev_count is None:
+            return total / state.host_count if state.host_count else math.nan
+        return total / (state.dev_count + state.host_count)
 
     def device_sum(self, name: str) -> Any:
         """The sum of the finite values of `name`, like `device_mean` (no host sync)."""
@@ -179,7 +178,7 @@ class MetricMeans:
                 state.fold_pending()
             sums.append(state.host_sum if state.dev_sum is None else state.dev_sum + state.host_sum)
             counts.append(state.host_count if state.dev_count is None else state.dev_count + state.host_count)
-        totals = _to_host_floats(sums + counts, sync)
+        totals = to_host_floats(sums + counts, sync)
         n = len(names)
         return {
             name: (totals[i] / totals[n + i]) if totals[n + i] > 0 else math.nan
@@ -187,7 +186,7 @@ class MetricMeans:
         }
 
 
-def _to_host_floats(values: list[Any], sync: bool) -> list[float]:
+def to_host_floats(values: list[Any], sync: bool) -> list[float]:
     """Python numbers and 0-d tensors -> floats with one stack of the tensors, one transfer
     to the host and, when syncing across ranks, one all-reduce of everything."""
     from . import distributed
