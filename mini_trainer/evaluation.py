@@ -23,11 +23,10 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 
-from . import distributed
-from .metrics import _to_host_floats as to_host_floats
-from .metrics import count_samples
+from . import distributed, utils
+from .metrics import count_samples, to_host_floats
 from .rng import preserved_rng
-from .utils import eval_mode, flatten_dict, map_nested_tensor
+from .utils import eval_mode, flatten_dict
 
 __all__ = ["check_eval_loaders", "evaluate", "evaluate_loaders", "rank_batches", "scoring"]
 
@@ -66,13 +65,16 @@ def check_eval_loaders(value: Any, name: str) -> dict[str, Iterable] | None:
 
 def evaluate(trainer: Any, loaders: Any, model: nn.Module | None) -> dict[str, float]:
     """`BaseTrainer.evaluate`, on the trainer's public surface."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"evaluate(model) must be an nn.Module (e.g. EmaHook.ema_model) or None; "
+                        f"got {type(model).__name__}")
     trainer.build()
     loaders = trainer.eval_loaders if loaders is None else check_eval_loaders(loaders, "evaluate(loaders)")
     lockstep = trainer.parallel == "fsdp" and model is None  # FSDP2: a forward needs every rank
     to_device = trainer.data_cursor.to_device
     if model is not None:  # batches go where its weights are (an EmaHook(device="cpu") copy)
         device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-        to_device = functools.partial(map_nested_tensor, lambda t: t.to(device, non_blocking=True))
+        to_device = functools.partial(utils.to_device, device=device)
     with scoring(trainer, model), trainer.autocast():
         return evaluate_loaders(loaders, trainer.eval_forward, to_device=to_device, lockstep=lockstep,
                                 owner=type(trainer).__name__)
@@ -190,10 +192,9 @@ def evaluate_loaders(
                 batch = to_device(batch)
                 sums.add(eval_forward(batch), batch)
         per_split.append(sums)
-    keys = [f"{split}/{name}" for split, sums in zip(loaders, per_split, strict=True) for name in sums.sums]
-    keys = distributed.union_of_names(keys)  # a split may have had no batch on this rank
     found = {f"{split}/{name}": (sums.sums[name], sums.counts[name])
              for split, sums in zip(loaders, per_split, strict=True) for name in sums.sums}
+    keys = distributed.union_of_names(list(found))  # a split may have had no batch on this rank
     values = [found.get(key, (0.0, 0.0)) for key in keys]
     # One stack of the device sums, one all-reduce of everything, one transfer to the host.
     totals = to_host_floats([v[0] for v in values] + [v[1] for v in values], sync=True)

@@ -252,6 +252,8 @@ def test_bad_eval_loaders_name_the_argument():
         build(eval_loaders=DataLoader(data, sampler=sampler))
     with pytest.raises(TypeError, match=r"evaluate\(loaders\) must be an iterable"):
         build(eval_loaders=[]).evaluate(loaders="text")
+    with pytest.raises(TypeError, match=r"evaluate\(model\) must be an nn.Module .* got str"):
+        build(eval_loaders=[]).evaluate(model="ema")
 
 
 @pytest.mark.parametrize(
