@@ -30,7 +30,6 @@ class BestCheckpoint:
 
     def __init__(self, monitor: str, mode: str) -> None:
         self.tracker = MetricMonitor("CheckpointingHook.keep_best", monitor, mode)
-        self._judged: Any = None  # the results last judged (each evaluation counts once)
 
     def check_hooks(self, trainer: BaseTrainer) -> None:
         if not any(isinstance(h, EvalHook) for h in trainer.hooks):
@@ -39,11 +38,8 @@ class BestCheckpoint:
 
     def judge(self, trainer: BaseTrainer) -> bool:
         """Whether this step's evaluation (if one ran and was not judged yet) is a new best."""
-        results = evaluation_results(trainer)
-        if results is None or results is self._judged:
-            return False
-        self._judged = results
-        return self.tracker.update(self.tracker.value_in(results), trainer.step)
+        observed = self.tracker.observe(trainer)
+        return observed is not None and observed[1]
 
     def is_best(self, step: int) -> bool:
         return self.tracker.best_step == step

@@ -170,6 +170,18 @@ class MetricMonitor:
         self.owner, self.monitor, self.mode, self.min_delta = owner, monitor, mode, float(min_delta)
         self.best: float | None = None
         self.best_step: int | None = None
+        self._observed: Any = None  # the results last observed, by identity
+
+    def observe(self, trainer: BaseTrainer) -> tuple[float, bool] | None:
+        """`(value, is the new best)` for an evaluation at this step that was not observed yet
+        (the results dict stays in `step_info` after the step, and an evaluation at the end of
+        training brings a new one), else None."""
+        results = evaluation_results(trainer)
+        if results is None or results is self._observed:
+            return None
+        self._observed = results
+        value = self.value_in(results)
+        return value, self.update(value, trainer.step)
 
     def value_in(self, results: Mapping[str, float]) -> float:
         """The monitored value in `results`, or a ValueError naming the ones there are."""
@@ -234,7 +246,6 @@ class EarlyStoppingHook(BaseHook):
         self.patience = patience
         self.bad_evaluations = 0  # evaluations in a row without improvement
         self.stopped_step: int | None = None
-        self._seen: Mapping[str, float] | None = None  # the results last counted (one count per evaluation)
 
     @property
     def monitor(self) -> str:
@@ -250,12 +261,11 @@ class EarlyStoppingHook(BaseHook):
             trainer.should_stop = True
 
     def on_after_step(self, trainer: BaseTrainer) -> None:
-        results = evaluation_results(trainer)
-        if results is None or results is self._seen:
+        observed = self.tracker.observe(trainer)
+        if observed is None:
             return
-        self._seen = results
-        value = self.tracker.value_in(results)
-        if self.tracker.update(value, trainer.step):
+        value, improved = observed
+        if improved:
             self.bad_evaluations = 0
             return
         self.bad_evaluations += 1
