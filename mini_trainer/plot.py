@@ -11,16 +11,17 @@ matplotlib is imported only when drawing; it comes with the `stream` extra.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import write_file
 from .utils import flatten_dict
 
 logger = logging.getLogger(__name__)
@@ -236,15 +237,9 @@ def plot_metrics(
     if linear:
         logger.warning("log_y (--log-y): kept a linear y-axis for %s (values <= 0)", ", ".join(linear))
 
-    # Same directory as the output, so os.replace is a rename on one filesystem.
-    handle, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            figure.savefig(file, format="png", dpi=dpi)
-        os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=dpi)
+    write_file(output, image.getvalue(), fsync=False, atomic=True)  # a reader never sees half a PNG
     return output
 
 
