@@ -412,6 +412,53 @@ def test_nonnegative_vectors_only_for_layers_ending_in_a_non_negative_activation
 
 SEED_README = os.environ.get("SPELA_SEED_README", "/work/shared/seeds/spela-fast-ann-training-README.txt")
 
+# The seed README's two code blocks, verbatim (the test below checks them against the README
+# when it is at SEED_README, so these copies cannot drift; without it they still run).
+README_MLP_BLOCK = '''import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from src.spela_train import SpelaTrainer, SpelaConfig
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(784, 1024)
+        self.fc2 = nn.Linear(1024, 10)
+
+model = MLP()
+layers = [model.fc1, model.fc2]
+activations = [nn.ReLU(), nn.Identity()]
+
+cfg = SpelaConfig(num_classes=10, lr=1e-2)
+trainer = SpelaTrainer(model, layers, activations, cfg)
+
+# train_loader should yield (x, y) where x is (B, 1, 28, 28); the trainer auto‑flattens as needed
+trainer.fit(train_loader, epochs=10)
+acc = trainer.evaluate(test_loader)
+print("test acc:", acc)
+'''
+README_CNN_BLOCK = '''import torch.nn as nn
+from src.spela_train import SpelaTrainer, SpelaConfig
+
+block1 = nn.Sequential(
+    nn.Conv2d(3, 32, kernel_size=3, stride=1, padding=1),
+    nn.BatchNorm2d(32),
+    nn.ReLU(inplace=True),
+    nn.AdaptiveAvgPool2d(1),
+    nn.Flatten(),  # -> (B, 32)
+)
+block2 = nn.Sequential(
+    nn.Linear(32, 64),
+    nn.ReLU(inplace=True),
+)
+head = nn.Linear(64, 10)
+
+layers = [block1, block2, head]
+activations = [None, None, nn.Identity()]
+cfg = SpelaConfig(num_classes=10, lr=5e-3)
+trainer = SpelaTrainer(nn.Sequential(), layers, activations, cfg)
+'''
+
 
 def mnist_shaped(n, seed=0):
     """(n, 1, 28, 28) images: one random template per class plus noise, and their labels."""
@@ -432,15 +479,16 @@ def seed_imports(monkeypatch):
     monkeypatch.setitem(sys.modules, "src.spela_train", ours)
 
 
-def readme_python_blocks():
+def test_the_copied_blocks_are_the_seed_readmes():
     if not os.path.exists(SEED_README):
-        pytest.skip(f"the seed README is not at {SEED_README} (set SPELA_SEED_README)")
+        pytest.skip(f"the seed README is not at {SEED_README} (set SPELA_SEED_README); the copies still run below")
     text = open(SEED_README, encoding="utf-8").read()
-    return [block for block in re.findall(r"```\n(.*?)```", text, re.S) if "spela_train" in block]
+    assert [block for block in re.findall(r"```\n(.*?)```", text, re.S) if "spela_train" in block] == [
+        README_MLP_BLOCK, README_CNN_BLOCK]
 
 
 def test_seed_readme_code_blocks_run_through_an_import_alias(seed_imports):
-    mlp_block, cnn_block = readme_python_blocks()
+    mlp_block, cnn_block = README_MLP_BLOCK, README_CNN_BLOCK
     torch.manual_seed(0)
     images, labels = mnist_shaped(64)
     namespace = {"train_loader": tensor_loader(images, labels, batch_size=32), "test_loader": [(images, labels)],
