@@ -59,11 +59,14 @@ class DataCursor:
         self._iterator: Iterator | None = None
         self._skip_batches = 0  # to fast-forward after a resume (loaders that cannot save their position)
         self._loader_restored = False  # the loader's next iterator continues a checkpointed epoch
+        self._restored_loader_state: Any = None  # what it was restored from (its state until then)
+        self._iterated = False  # whether an iterator of `loader` was ever made here
 
     def replace_loader(self, loader: Iterable) -> None:
         """Train on `loader` from here, starting a new pass over it (the epoch count stays)."""
         self.loader = loader
         self._iterator = None
+        self._iterated = False
         self.batch_in_epoch = 0
 
     def batches_per_epoch(self) -> int | None:
@@ -163,6 +166,7 @@ class DataCursor:
             if obj is not None and id(obj) not in seen and callable(getattr(obj, "set_epoch", None)):
                 seen.add(id(obj))
                 obj.set_epoch(self.epoch)
+        self._iterated = True
         if not (self._loader_restored or self._skip_batches):
             return iter(loader)  # type: ignore[arg-type]
         # Continuing an epoch after a resume. The uninterrupted run created this epoch's
@@ -186,7 +190,19 @@ class DataCursor:
         """This rank's position that a checkpoint needs (the loader's own state when it
         has `state_dict()`)."""
         save = getattr(self.loader, "state_dict", None)
-        return {"data_loader": save() if callable(save) else None}
+        if not callable(save):
+            return {"data_loader": None}
+        # A StatefulDataLoader asked for its state before it has an iterator creates one, and
+        # its next `iter()` returns that one: right after a resume that used up the restored
+        # position (the epoch started over), and before the first batch it moved the seed
+        # draw (and so every random number after it). A restored position not used yet is
+        # returned as it is; a loader never iterated has no position to save. (Both found
+        # by check_resume: a save right after resuming changed the training that followed.)
+        if self._loader_restored and self._iterator is None:
+            return {"data_loader": self._restored_loader_state}
+        if not self._iterated:
+            return {"data_loader": None}
+        return {"data_loader": save()}
 
     def position(self, world: int) -> dict[str, int] | None:
         """Where this epoch stands over all ranks, in samples of the shared permutation
@@ -208,6 +224,7 @@ class DataCursor:
         loader_resumes = loader_state is not None and callable(getattr(self.loader, "load_state_dict", None))
         if loader_resumes:
             self.loader.load_state_dict(loader_state)  # type: ignore[union-attr]
+            self._restored_loader_state = loader_state
         self._skip_batches = 0 if loader_resumes else batch_in_epoch
         if self._skip_batches and type(getattr(self.loader, "sampler", None)) is torch.utils.data.RandomSampler:
             self.logger.warning(

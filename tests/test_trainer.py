@@ -448,3 +448,36 @@ def test_train_twice_continues_and_should_stop_ends_early():
     stopper = make_trainer(regression_batches(4, 4), max_steps=10, hooks=[StopAt()])
     stopper.train()
     assert stopper.step == 2
+
+
+def test_state_dict_before_the_first_batch_changes_nothing_that_follows():
+    # StatefulDataLoader.state_dict() without an iterator creates one: right after a resume
+    # that used up the restored position (the epoch started over) and drew from the global
+    # RNG. Found by check_resume; a checkpoint taken right after resuming must be harmless.
+    from mini_trainer.data import tensor_loader
+
+    def trainer() -> BaseTrainer:
+        torch.manual_seed(0)  # the same initial weights every time
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(40, 4, generator=g)
+        loader = tensor_loader(x, x.sum(1, keepdim=True), batch_size=4, seed=0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+        return make_trainer(loader, model=model, seed=0)
+
+    reference = trainer()
+    reference.fit(steps=6)
+    saved = trainer()
+    saved.fit(steps=3)
+    state = saved.state_dict()
+    for touch in (False, True):
+        resumed = trainer()
+        resumed.build()
+        resumed.load_state_dict(state)
+        if touch:
+            resumed.state_dict()  # e.g. a save right after resuming
+        resumed.fit(steps=3)
+        assert torch.equal(flat_params(resumed.model), flat_params(reference.model)), f"touched={touch}"
+    fresh = trainer()
+    fresh.state_dict()  # before the first batch
+    fresh.fit(steps=6)
+    assert torch.equal(flat_params(fresh.model), flat_params(reference.model))
