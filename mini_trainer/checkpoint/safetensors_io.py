@@ -242,3 +242,42 @@ def _check_entry(path: Path, key: str, info: Any) -> tuple[str, torch.dtype, lis
             f"data_offsets give {end - begin}"
         )
     return key, dtype, shape, begin, end
+
+
+def read_safetensors_header(
+    path: str | os.PathLike, *, follow_symlinks: bool = True
+) -> tuple[dict[str, tuple[torch.dtype, list[int]]], dict[str, str]]:
+    """`({key: (dtype, shape)}, __metadata__)` of a safetensors file, validated as
+    `read_safetensors` validates it (entries, dtypes, offsets that cover the data exactly and
+    end where the file ends) but without reading the tensor data or hashing the file: for
+    describing a file cheaply. Keys are in the order of their data in the file."""
+    path = Path(path)
+    with os.fdopen(open_regular_file(path, follow_symlinks), "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if size < 8 or len(prefix) < 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(
+                f"{path}: truncated or not safetensors (a header of {header_len} bytes in a file of {size})"
+            )
+        text = f.read(header_len)
+    if len(text) != header_len:
+        raise CheckpointError(f"{path}: the file shrank while its header was read")
+    header = _parse_header(path, text)
+    entries = sorted(
+        (_check_entry(path, key, info) for key, info in header.items() if key != "__metadata__"),
+        key=lambda e: (e[3], e[4]),
+    )
+    expected = 0  # the same rule as reading: each tensor starts where the previous one ended
+    for key, _, _, begin, end in entries:
+        if begin != expected:
+            what = "overlaps the previous one" if begin < expected else "leaves a hole before it"
+            raise CheckpointError(f"{path}: tensor {key!r} (bytes {begin}..{end}) {what}")
+        expected = end
+    if 8 + header_len + expected != size:
+        raise CheckpointError(
+            f"{path}: the tensors cover {expected} bytes of data, the file holds {size - 8 - header_len}"
+        )
+    return {key: (dtype, shape) for key, dtype, shape, _, _ in entries}, dict(header.get("__metadata__", {}))

@@ -322,6 +322,8 @@ class CheckpointingHook(BaseHook):
         best checkpoint, the monitored metric) for the manifest."""
         prepared = checkpoint.prepare_checkpoint(state, self._extra_files(trainer))
         prepared.manifest_extra.update(step_metrics(trainer))
+        optimizer = type(trainer.optimizer)  # the state alone does not say (`mini-trainer ckpt inspect` shows it)
+        prepared.manifest_extra["optimizer_class"] = f"{optimizer.__module__}.{optimizer.__qualname__}"
         if self.best is not None and self.best.is_best(trainer.step):
             prepared.manifest_extra.update(self.best.manifest_entry())
         return prepared
