@@ -22,6 +22,7 @@ from .hooks import (
     TensorBoardHook,
     WandbHook,
 )
+from .resume_check import ResumeReport, check_resume
 from .trainer import BaseTrainer, NonFiniteGradientError
 from .utils import key_average, map_nested_tensor, unwrap
 
@@ -30,6 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BaseTrainer",
     "NonFiniteGradientError",
+    "ResumeReport",
+    "check_resume",
     "ClassificationTrainer",
     "BaseHook",
     "ProgressHook",

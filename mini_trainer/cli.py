@@ -19,12 +19,14 @@ from .checkpoint import CheckpointDirectoryError, CheckpointError
 from .config import load_config, parse_override
 from .hooks import CheckpointingHook, EmaHook
 from .plot import add_plot_command, run_plot
+from .resume_check.cli import add_check_resume_command, run_check_resume
 
 DESCRIPTION = """\
 mini_trainer command line.
 
   mini-trainer train configs/digits_mlp.py trainer.max_steps=500 trainer.optimizer_cfg.lr=3e-3
   mini-trainer plot runs/digits_mlp -o curves.png
+  mini-trainer check-resume configs/digits_mlp.py
 
 A config is a Python file; its `trainer` entry is built with mini_trainer.builder and
 trained. Extra modules that register your own classes go in the config's `imports` list.
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Python logging level"
     )
     add_plot_command(commands)
+    add_check_resume_command(commands)
     return parser
 
 
@@ -70,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling the overrides at the first option (`CONFIG --no-eval k=v`):
     # the remaining key=value words are overrides too.
-    unknown = [word for word in extra if word.startswith("-") or args.command != "train"]
+    takes_overrides = args.command in ("train", "check-resume")
+    unknown = [word for word in extra if word.startswith("-") or not takes_overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
@@ -80,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "plot":
         return run_plot(args)
+    if args.command == "check-resume":
+        return run_check_resume(args)
     # Under torchrun every rank would print the same warnings: the others show errors only.
     level = args.log_level if os.environ.get("RANK", "0") == "0" else "ERROR"
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
