@@ -28,6 +28,13 @@ parsed, and which directories are safe to resume from: docs/checkpoints.md.
 from .errors import CheckpointDirectoryError, CheckpointError
 from .files import write_file
 from .format import DEFAULT_FILE, DTYPES, MODEL_FILE, join_state, split_state
+from .inspection import (
+    NotACheckpointError,
+    describe_checkpoint,
+    export_weights,
+    list_checkpoint_root,
+    verify_checkpoint,
+)
 from .loading import (
     LoadedCheckpoint,
     find_latest,
@@ -37,7 +44,7 @@ from .loading import (
     read_pointer,
 )
 from .lock import DirectoryLock, prepare_directory
-from .safetensors_io import read_safetensors, write_safetensors
+from .safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
 from .sharded import load_sharded, read_dcp_metadata, save_sharded
 from .writing import (
     BEST,
@@ -74,12 +81,16 @@ __all__ = [
     "CheckpointError",
     "DirectoryLock",
     "LoadedCheckpoint",
+    "NotACheckpointError",
     "PreparedCheckpoint",
     "StagingBuffers",
     "checkpoint_name",
+    "describe_checkpoint",
+    "export_weights",
     "find_latest",
     "join_state",
     "latest_checkpoint",
+    "list_checkpoint_root",
     "list_checkpoints",
     "load_checkpoint",
     "load_sharded",
@@ -92,10 +103,12 @@ __all__ = [
     "read_dcp_metadata",
     "read_pointer",
     "read_safetensors",
+    "read_safetensors_header",
     "remove_temporaries",
     "save_checkpoint",
     "save_sharded",
     "split_state",
+    "verify_checkpoint",
     "write_checkpoint",
     "write_file",
     "write_pointer",
