@@ -74,6 +74,10 @@ def state_fingerprints(state: Any, prefix: str = "") -> dict[str, str]:
             for key, item in value.items():
                 visit(item, f"{path}.{key}" if path else str(key))
         elif isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+            if value and all(isinstance(v, (bool, int, float, str)) or v is None for v in value):
+                # numbers side by side (a generator's state words, betas): one entry
+                out[path] = _join({str(i): _scalar_text(v) for i, v in enumerate(value)}, type(value).__name__)
+                return
             if not value:
                 out[path] = f"{type(value).__name__}:empty"
             for i, item in enumerate(value):

@@ -98,7 +98,8 @@ class ResumeReport:
                 lines.append(f"    -> {a.hint}")
         lines.append("")
         counts = self.compared
-        lines.append(f"Compared bit for bit: {counts.get('steps', 0)} steps' losses, {counts.get('batches', 0)} "
+        until = " before the first difference" if diff is not None else ""
+        lines.append(f"Compared bit for bit{until}: {counts.get('steps', 0)} steps' losses, {counts.get('batches', 0)} "
                      f"batches, {counts.get('state_entries', 0)} state entries after every step "
                      f"({', '.join(counts.get('components', []))}); {counts.get('attributes', 0)} attribute(s) "
                      "of your trainer and hooks inspected.")
