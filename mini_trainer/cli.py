@@ -16,6 +16,7 @@ from typing import Any
 from . import __version__, distributed
 from .builder import build_from_cfg
 from .checkpoint import CheckpointDirectoryError, CheckpointError
+from .ckpt_cli import add_ckpt_command, run_ckpt
 from .config import load_config, parse_override
 from .hooks import CheckpointingHook, EmaHook
 from .plot import add_plot_command, run_plot
@@ -27,6 +28,7 @@ mini_trainer command line.
   mini-trainer train configs/digits_mlp.py trainer.max_steps=500 trainer.optimizer_cfg.lr=3e-3
   mini-trainer plot runs/digits_mlp -o curves.png
   mini-trainer check-resume configs/digits_mlp.py
+  mini-trainer ckpt list runs/digits_mlp
 
 A config is a Python file; its `trainer` entry is built with mini_trainer.builder and
 trained. Extra modules that register your own classes go in the config's `imports` list.
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_plot_command(commands)
     add_check_resume_command(commands)
+    add_ckpt_command(commands)
     return parser
 
 
@@ -86,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_plot(args)
     if args.command == "check-resume":
         return run_check_resume(args)
+    if args.command == "ckpt":
+        return run_ckpt(args)
     # Under torchrun every rank would print the same warnings: the others show errors only.
     level = args.log_level if os.environ.get("RANK", "0") == "0" else "ERROR"
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
