@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -96,9 +97,10 @@ EmaHook's averaged weights instead (--ema-hook NAME picks one of several EMA hoo
 --dtype casts floating-point tensors (integer buffers keep theirs). The header's metadata
 records format "pt", step, epoch, source (the checkpoint's absolute path), weights (model
 or ema), dtype (when cast) and the mini_trainer version. The checkpoint is verified in full
-first; for a root or run directory the newest valid checkpoint is exported (the output
-says which). The file is written atomically, and an existing one is replaced only with
---force. Exit code 1 when the checkpoint is damaged, 2 for a usage error.
+first. For a root or run directory the newest valid checkpoint is exported (the output
+says which); to export the best one, give its directory (`ckpt list` shows which it is).
+The file is written atomically, and an existing one is replaced only with --force.
+Exit code 1 when the checkpoint is damaged, 2 for a usage error.
 
   mini-trainer ckpt export runs/digits -o model.safetensors
   mini-trainer ckpt export runs/digits/checkpoints/step_000001000 -o ema.safetensors --ema --dtype bf16
@@ -196,8 +198,8 @@ def _inspect(args: argparse.Namespace) -> int:
     info = describe_checkpoint(args.path)
     checked = info.verification
     state = checked.state or {}
-    print(f"checkpoint   {info.path}" + (f"  ({info.note})" if info.note else ""))
     fields = [
+        ("checkpoint", f"{info.path}" + (f"\n{info.note}" if info.note else "")),
         ("format", f"{checked.get('format', str) or '?'} version {_text(checked.get('version'))}"),
         ("step", f"{_step(checked)}, epoch {_text(checked.get('epoch', int))}"),
         ("created", _created(checked)),
@@ -212,19 +214,21 @@ def _inspect(args: argparse.Namespace) -> int:
         print("sharded/ (FSDP2, torch.distributed.checkpoint)")
         _files(info.sharded_files, unit="chunks")
         for name, summary in info.sharded_tensors.items():
-            print(f"    {name}: {_tensors(summary)}")
+            print(f"  {name} state: {_tensors(summary)}")
     hooks = state.get("hooks") if isinstance(state.get("hooks"), Mapping) else {}
     inferred = " (inferred from the param groups: not recorded in this checkpoint)" if info.optimizer_inferred else ""
     unread = "? (the state cannot be read: see DAMAGED below)"
     optimizer = info.optimizer or ("unknown (not recorded, and the state fits no torch.optim class)"
                                    if info.param_groups or info.optimizer_slots else "-" if checked.state else unread)
     _fields([
-        ("hooks", "; ".join(f"{k} ({_hook(v)})" for k, v in hooks.items()) or "none" if checked.state else unread),
+        ("hooks", "\n".join(f"{k}: {_hook(v)}" for k, v in hooks.items()) or "none" if checked.state else unread),
         ("optimizer", optimizer + inferred),
     ])
     for index, group in enumerate(info.param_groups):
         settings = ", ".join(f"{k}={_number(v)}" for k, v in group.items() if k != "params")
-        print(f"  group {index}: {_text(group.get('params'))} params; {settings}")
+        text = f"{_text(group.get('params'))} params; {settings}"
+        print(textwrap.fill(text, 100, initial_indent=f"  group {index}: ", subsequent_indent=" " * 13,
+                            break_on_hyphens=False))
     if info.optimizer_slots:
         print(f"  state per parameter: {', '.join(info.optimizer_slots)}")
     best = checked.get("best", dict)
@@ -263,7 +267,7 @@ def _export(args: argparse.Namespace) -> int:
     meta = done.metadata
     what = "EMA weights" + (f" ({meta['hook']})" if meta.get("hook") else "") if ema else "model weights"
     print(f"exported the {what} of {done.source} (step {meta['step']}, epoch {meta['epoch']})"
-          + (f"\n  from {done.note}" if done.note else ""))
+          + (f"\n  ({done.note})" if done.note else ""))
     print(f"  to {done.output}: {done.tensors} tensors, {done.elements:,} elements"
           + (f", floating point cast to {meta['dtype']}" if "dtype" in meta else ""))
     if done.renamed:
@@ -281,7 +285,7 @@ def _problems(checked: Verification) -> int:
 
 def _fields(fields: Iterable[tuple[str, str]]) -> None:
     for name, value in fields:
-        print(f"{name:<12} {value}")
+        print(f"{name:<12} " + value.replace("\n", "\n" + " " * 13))
 
 
 def _files(files: list[FileSummary], unit: str = "tensors") -> None:
@@ -300,7 +304,7 @@ def _hook(value: Any) -> str:
     if isinstance(value, Mapping) and isinstance(value.get("weights"), Mapping):
         weights = [t for t in value["weights"].values() if hasattr(t, "numel")]
         rest = [str(k) for k in value if k != "weights"]
-        return f"weights: {len(weights)} tensors, {sum(t.numel() for t in weights):,} elements; " + ", ".join(rest)
+        return f"weights ({len(weights)} tensors, {sum(t.numel() for t in weights):,} elements), " + ", ".join(rest)
     return ", ".join(map(str, value)) if isinstance(value, Mapping) else type(value).__name__
 
 

@@ -197,14 +197,16 @@ def test_inspect_shows_what_the_checkpoint_holds(run, capsys):
     code, out, _ = ckpt(capsys, "inspect", workspace)
     assert code == 0
     fields = {line[:12].strip(): line[13:] for line in out.splitlines() if not line.startswith(" ")}
-    assert fields["checkpoint"].startswith(f"{root / 'step_000000008'}  (the checkpoint `latest` names in {root}")
+    assert fields["checkpoint"] == str(root / "step_000000008")
+    assert f"\n             the checkpoint `latest` names in {root}, the checkpoints of run directory" in out
     assert fields["format"] == "mini_trainer.checkpoint version 1"
     assert fields["step"] == f"8, epoch {trainer.epoch}"
     assert fields["markers"] == "latest" and fields["world size"] == "1"
     assert fields["optimizer"] == "torch.optim.adam.Adam"  # recorded by CheckpointingHook
     weights = trainer.unwrapped_model.state_dict()
     tensors, elements = len(weights), sum(t.numel() for t in weights.values())  # 9 and 82: BatchNorm's buffers too
-    assert fields["hooks"].startswith(f"ema (weights: {tensors} tensors, {elements} elements; updates, decay); eval (")
+    assert fields["hooks"] == f"ema: weights ({tensors} tensors, {elements} elements), updates, decay"
+    assert "\n             eval: " in out and "\n             checkpointing: monitor, mode, best, best_step" in out
     assert fields["metrics"].startswith("val/loss=") and fields["lr scheduler"] == "none"
     model_line = next(line for line in out.splitlines() if line.startswith("  model.safetensors"))
     assert model_line.endswith(f"{tensors} tensors, {elements} elements (int64 x1, float32 x8)")
@@ -248,7 +250,7 @@ def test_export_loads_into_a_fresh_model_bit_for_bit_with_its_metadata(run, tmp_
     assert code == 0
     source = root_of(workspace) / "step_000000008"
     assert out.startswith(f"exported the model weights of {source} (step 8, epoch {trainer.epoch})")
-    assert "from the newest valid checkpoint in" in out
+    assert f"\n  (the newest valid checkpoint in {source.parent}, the checkpoints of run directory" in out
     fresh = bn_model()
     fresh.load_state_dict(load_file(out_file))  # strict: exactly the model's names
     assert same(fresh.state_dict(), trainer.unwrapped_model.state_dict())
@@ -364,7 +366,7 @@ def test_sharded_checkpoint_exports_gathered_in_one_process(tmp_path, capsys):
 
     code, out, _ = ckpt(capsys, "inspect", tmp_path / "ckpt")
     assert code == 0 and "world size   2" in out and "optimizer    torch.optim.adamw.AdamW" in out
-    assert "    model: 6 tensors, 484 elements (float32 x6)" in out
+    assert "  model state: 6 tensors, 484 elements (float32 x6)" in out
     assert "  group 0: 6 params; lr=" in out and "weight_decay=0.01" in out
     assert ckpt(capsys, "verify", directory)[0] == 0
     flip_byte(directory / "sharded" / "__1_0.distcp")
