@@ -10,6 +10,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,6 +183,18 @@ def test_each_subcommand_has_help_with_an_example(command, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: mini-trainer ckpt {command}") and f"  mini-trainer ckpt {command} " in out
     assert "Exit code" in out
+
+
+def test_the_command_line_runs_it(run, capsys):
+    from mini_trainer.cli import main
+
+    assert main(["ckpt", "verify", str(run[0])]) == 0
+    assert capsys.readouterr().out.endswith(" valid, 0 damaged\n")
+    assert main(["ckpt", "list", str(run[0] / "missing")]) == 2
+    assert capsys.readouterr().err == f"mini-trainer: error: {run[0] / 'missing'}: no such file or directory\n"
+    done = subprocess.run([sys.executable, "-m", "mini_trainer", "ckpt", "export", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: mini-trainer ckpt export")
 
 
 def test_ckpt_without_a_subcommand_prints_help(capsys):
