@@ -61,6 +61,18 @@ def test_best_is_saved_pointed_at_recorded_and_never_pruned(tmp_path):
     assert (hook.best.tracker.best, hook.best.tracker.best_step) == (2.5, 8)
 
 
+def test_async_saves_record_the_best_and_the_metrics_too(tmp_path):
+    # The background writer used to get a copy of the checkpoint without its manifest
+    # entries: no metrics, no best entry, no `best` file.
+    hook = CheckpointingHook(interval=3, keep_previous=1, keep_best="val/loss", async_save=True)
+    make(tmp_path, checkpointing=hook).train()
+    root = tmp_path / "checkpoints"
+    assert (root / "best").read_text() == "step_000000008\n"
+    manifest = json.loads((root / "step_000000008" / "manifest.json").read_text())
+    assert manifest["best"] == {"metric": "val/loss", "mode": "min", "value": 2.5}
+    assert manifest["metrics"]["val/loss"] == 2.5 and manifest["optimizer_class"] == "torch.optim.sgd.SGD"
+
+
 def test_best_mode_max(tmp_path):
     trainer = make(tmp_path, checkpointing=CheckpointingHook(interval=None, keep_best="val/score", best_mode="max"))
     trainer.train()

@@ -108,7 +108,9 @@ class StagingBuffers:
         for device in cuda_devices:
             torch.cuda.synchronize(device)  # the copies must have landed before another thread reads them
         self._buffers = used  # tensors that are gone (e.g. a removed hook) free their buffers
-        return PreparedCheckpoint(prepared.skeleton, staged, prepared.step, prepared.epoch, prepared.directories)
+        copy = PreparedCheckpoint(prepared.skeleton, staged, prepared.step, prepared.epoch, prepared.directories)
+        copy.manifest_extra = dict(prepared.manifest_extra)  # the step's metrics and best entry go along
+        return copy
 
 
 def save_checkpoint(
