@@ -285,6 +285,39 @@ def test_links_inside_a_checkpoint_root_are_not_followed(tmp_path, caplog):
     assert foreign.is_dir()
 
 
+def test_a_fifo_in_place_of_a_file_is_refused_without_waiting(tmp_path):
+    # Opening a FIFO for reading waits for a writer: a crafted manifest.json or model file
+    # that is one would have hung every resume. It is refused at once instead.
+    import threading
+
+    trainer_for(tmp_path / "ws", steps=2).train()
+    directory = tmp_path / "ws" / "checkpoints" / "step_000000002"
+    for name in ("manifest.json", "model.safetensors"):
+        saved = (directory / name).read_bytes()
+        (directory / name).unlink()
+        os.mkfifo(directory / name)
+        outcome: list[BaseException] = []
+        worker = threading.Thread(target=lambda found=outcome: found.append(_raised(checkpoint.load_checkpoint,
+                                                                                    directory)), daemon=True)
+        worker.start()
+        worker.join(timeout=20)
+        if worker.is_alive():  # unblock the reader so the test process can end, then fail
+            with open(directory / name, "wb"):
+                pass
+            pytest.fail(f"loading a checkpoint whose {name} is a FIFO hangs")
+        assert isinstance(outcome[0], CheckpointError) and "not a regular file" in str(outcome[0]), outcome
+        (directory / name).unlink()
+        (directory / name).write_bytes(saved)
+
+
+def _raised(function, *args) -> BaseException | None:
+    try:
+        function(*args)
+    except BaseException as err:  # noqa: BLE001 - returned to the test
+        return err
+    return None
+
+
 # =========================================================================== safetensors
 
 

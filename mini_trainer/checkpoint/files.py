@@ -53,7 +53,9 @@ def open_regular_file(path: Path, follow_symlinks: bool = True) -> int:
     """A read-only descriptor of `path`, which must be a regular file; with
     `follow_symlinks=False` a symbolic link is refused instead of followed (O_NOFOLLOW, so
     the check and the open are one step). Raises CheckpointError naming the file."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    # O_NONBLOCK: opening a FIFO (a crafted "manifest.json") would otherwise wait forever
+    # for a writer, before the type check below could refuse it.
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     if not follow_symlinks:
         flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
@@ -68,6 +70,7 @@ def open_regular_file(path: Path, follow_symlinks: bool = True) -> int:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise CheckpointError(f"{path} is not a regular file")
+    os.set_blocking(fd, True)
     return fd
 
 
