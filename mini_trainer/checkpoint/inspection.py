@@ -27,10 +27,10 @@ import torch
 from .errors import CheckpointError
 from .files import check_listed_file, fsync_dir, hash_file, is_count, is_plain_name, verify_tree
 from .format import join_state
-from .loading import _read_manifest, _sharded_listing, latest_checkpoint, read_checkpoint, read_pointer
+from .loading import latest_checkpoint, read_checkpoint, read_manifest, read_pointer, sharded_listing
 from .safetensors_io import SAFETENSORS_DTYPES, read_safetensors_header, write_safetensors
 from .sharded import check_dcp_metadata, load_sharded
-from .writing import _TEMPORARY, BEST, FORMAT, LATEST, MANIFEST, SHARDED_DIR, STEP_DIR, list_checkpoints
+from .writing import BEST, FORMAT, LATEST, MANIFEST, SHARDED_DIR, STEP_DIR, TEMPORARY, list_checkpoints
 
 #: the `dtype` names `export_weights` accepts
 EXPORT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -128,8 +128,8 @@ def verify_checkpoint(path: str | os.PathLike, *, hash: bool = True) -> Verifica
     directory = Path(path)
     result = Verification(directory, size=_disk_size(directory))
     try:
-        manifest = result.manifest = _read_manifest(directory)
-        listing = _sharded_listing(directory, manifest, sharded=True)
+        manifest = result.manifest = read_manifest(directory)
+        listing = sharded_listing(directory, manifest, sharded=True)
     except (CheckpointError, OSError) as err:
         result.problems.append(Problem(MANIFEST, _reason(err, directory / MANIFEST, directory)))
         return result
@@ -220,7 +220,7 @@ def list_checkpoint_root(path: str | os.PathLike, *, hash: bool = True) -> Listi
     warnings = [f"`{name}` names {pointer.name}, which is not there" for name, pointer in
                 ((LATEST, latest), (BEST, best)) if pointer is not None and not pointer.is_dir()]
     leftovers = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in os.scandir(root)
-                       if _TEMPORARY.match(entry.name) or entry.name.startswith(".trash-"))
+                       if TEMPORARY.match(entry.name) or entry.name.startswith(".trash-"))
     leftovers += [d.name + "/" for d in directories if ".replaced-" in d.name]  # a kill during a re-save
     checked = [verify_checkpoint(d, hash=hash) for d in directories]
     return Listing(root, note, checked, latest, best, leftovers, warnings)

@@ -182,14 +182,14 @@ def _load_directory(directory: Path, sharded: bool, verify_directories: bool = T
 
 
 def _load_directory_unchecked(directory: Path, sharded: bool, verify_directories: bool) -> LoadedCheckpoint:
-    manifest = _read_manifest(directory)
+    manifest = read_manifest(directory)
     files = manifest["files"]
     for file, info in files.items():
         if not is_plain_name(file) or file.startswith(".") or not isinstance(info, Mapping):
             raise CheckpointError(
                 f"{directory}: {MANIFEST} names a file outside the checkpoint, or malformed: {str(file)[:100]!r}"
             )
-    sharded_files = _sharded_listing(directory, manifest, sharded)
+    sharded_files = sharded_listing(directory, manifest, sharded)
     with concurrent.futures.ThreadPoolExecutor(max(len(files), 1)) as pool:
         if sharded_files is not None:  # names, sizes, no links (and hashes): before any file is read
             verify_tree(directory / SHARDED_DIR, sharded_files, pool if verify_directories else None)
@@ -213,7 +213,9 @@ def _read_listed(path: Path, info: Mapping[str, Any]) -> dict[str, torch.Tensor]
     return read_safetensors(path, info["sha256"], follow_symlinks=False)
 
 
-def _read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The verified manifest of a checkpoint directory (format, checksum, version, counters,
+    listings); CheckpointError naming the file otherwise. Nothing it lists is read."""
     path = directory / MANIFEST
     with os.fdopen(open_regular_file(path, follow_symlinks=False), "rb") as f:
         if os.fstat(f.fileno()).st_size > _MAX_MANIFEST:
@@ -243,7 +245,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def _sharded_listing(directory: Path, manifest: Mapping[str, Any], sharded: bool) -> Mapping[str, Any] | None:
+def sharded_listing(directory: Path, manifest: Mapping[str, Any], sharded: bool) -> Mapping[str, Any] | None:
     """The manifest's listing of `sharded/`, when it has one and the caller wants it."""
     directories = manifest.get("directories") or {}
     unknown = sorted(set(directories) - {SHARDED_DIR})

@@ -37,7 +37,7 @@ STEP_DIR = re.compile(r"^step_(\d+)(\.replaced-[0-9a-f]+)?$")
 # What writers leave while they work: `.tmp-<name>-<pid>-<hex>` (a checkpoint being
 # assembled) and `.latest.tmp-<pid>-<hex>` / `.best.tmp-...`, owned by the process `pid`;
 # `.trash-*` (a checkpoint being deleted) belongs to nobody.
-_TEMPORARY = re.compile(r"^\.(tmp-.+|latest\.tmp|best\.tmp)-(\d{1,10})-[0-9a-f]+$")
+TEMPORARY = re.compile(r"^\.(tmp-.+|latest\.tmp|best\.tmp)-(\d{1,10})-[0-9a-f]+$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -279,7 +279,7 @@ def remove_temporaries(root: str | os.PathLike, keep: Path | None = None) -> Non
     for entry in root.iterdir():
         if keep is not None and entry == keep:
             continue
-        match = _TEMPORARY.match(entry.name)
+        match = TEMPORARY.match(entry.name)
         if match is None and not entry.name.startswith(".trash-"):
             continue
         owner = int(match.group(2)) if match is not None else None
