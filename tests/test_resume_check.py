@@ -14,7 +14,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mini_trainer import BaseHook, BaseTrainer, CheckpointingHook, EmaHook, EvalHook, check_resume
+from mini_trainer import (
+    BaseHook,
+    BaseTrainer,
+    CheckpointingHook,
+    CsvLoggerHook,
+    EmaHook,
+    EvalHook,
+    LoggingHook,
+    ProgressHook,
+    WandbHook,
+    check_resume,
+)
 from mini_trainer.cli import main
 from mini_trainer.data import stateful_loader
 
@@ -266,3 +277,56 @@ def test_cli_subprocess_resumes_in_fresh_processes_from_checkpoints(capsys):
     assert code == 0 and report["exact"], report["first_difference"]
     assert report["mode"] == "in fresh processes from checkpoint directories"
     assert "micro-batches" in report["interruptions"][0]["killed"]
+
+
+# ---------------------------------------------------------------------- what is judged, what is left alone
+
+
+class CountingProgress(ProgressHook):
+    """A user's subclass of a library hook: its own counter is the user's state; the
+    library's private attributes (start step, timers) are not."""
+
+    def __init__(self):
+        super().__init__(interval=100)
+        self.lines = 0
+
+    def on_after_step(self, trainer):
+        super().on_after_step(trainer)
+        self.lines += 1
+
+
+class OwnScheduler(Classifier):
+    def build_optimizer(self):
+        optimizer = super().build_optimizer()
+        self.warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # stepped, never saved
+        return optimizer
+
+    def forward(self, batch):
+        self.warmup.step()
+        return super().forward(batch)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_user_subclasses_of_library_hooks_and_their_own_schedulers_are_judged_on_their_own_state():
+    report = check_resume(lambda: Classifier(hooks=[CountingProgress()]), steps=8, interrupts=1)
+    assert [a.name for a in report.unsaved_attributes] == ["CountingProgress.lines"]
+    report = check_resume(OwnScheduler, steps=8, interrupts=1)
+    assert [(a.name, a.kind) for a in report.unsaved_attributes] == [("self.warmup", "optimizer or scheduler")]
+
+
+def test_the_users_files_are_left_alone_and_the_runs_own_limits_kept(tmp_path):
+    csv = tmp_path / "run" / "metrics.csv"
+    csv.parent.mkdir()
+    csv.write_text("step,loss\n" + "".join(f"{i},0.5\n" for i in range(1, 51)))
+    before = csv.read_text()
+
+    def make():
+        return Classifier(max_epochs=1, hooks=[LoggingHook(interval=2), CsvLoggerHook(path=str(csv)),
+                                               WandbHook(project="never-created")])
+
+    report = check_resume(make, interrupts=1)
+    assert csv.read_text() == before
+    assert report.exact, report.format()
+    assert report.steps == 8  # max_epochs=1: 48 samples in batches of 6
+    assert any("WandbHook is left out" in n for n in report.notes)
+    assert any("CsvLoggerHook.path" in n and "is absolute" in n for n in report.notes)

@@ -234,11 +234,6 @@ class FastTrainer(SurpriseRepairTrainer):
     `criterion(model(inputs), targets)`, averaged (sample-weighted when weights are given)
     when the criterion returns one loss per sample.
     """
-
-    #: Per-call bookkeeping (the trigger's counters when train_one_epoch began or resumed),
-    #: deliberately not saved: check_resume does not judge it.
-    transient_attributes = ("trigger_baseline",)
-
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int = 1,
                  log_interval: int | None = 50, trigger_hook: _SurpriseRepairTrigger | None = None,
                  device: str | torch.device | int = "auto", amp: str | bool | None = "auto",

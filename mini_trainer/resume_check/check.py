@@ -14,6 +14,7 @@ state), and the user's own attributes are inspected at every resume (report.py s
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing
 import pickle
@@ -80,17 +81,22 @@ def choose_interruptions(reference: SegmentRecord, facts: dict[str, Any], count:
     per_epoch, notes, chosen = facts["batches_per_epoch"], [], []
     boundaries = [s for s in valid if (per_epoch and records[s].batch_in_epoch >= per_epoch)
                   or (not per_epoch and s + 1 in records and records[s + 1].epoch > records[s].epoch)]
+    # With accumulation an epoch may end inside a step: then right after that step.
+    inside = [s for s in valid if s - 1 in records and records[s].epoch > records[s - 1].epoch]
     if boundaries:
         chosen.append(Interruption(boundaries[0], f"end of epoch {records[boundaries[0]].epoch}"))
+    elif inside:
+        epoch = records[inside[0]].epoch - 1
+        chosen.append(Interruption(inside[0], f"right after the step in which epoch {epoch} ended"))
     else:
-        notes.append(f"no epoch ended within the first {last} steps, so no interruption is at an epoch's end "
-                     "(raise steps to include one)")
+        notes.append(f"no epoch ended before step {last - 1}, so no interruption is at an epoch's end (one needs "
+                     "two more steps after it: raise steps to include one)")
     evaluated = [s for s in valid if records[s].evaluated and s not in {c.step for c in chosen}]
     if evaluated:
         chosen.append(Interruption(evaluated[0], "right after an evaluation"))
     else:
-        notes.append(f"no evaluation happened within the first {last} steps, so no interruption follows one "
-                     "(raise steps, or the EvalHook's frequency, to include one)")
+        notes.append(f"no evaluation happened before step {last - 1}, so no interruption follows one (raise steps, "
+                     "or the EvalHook's frequency, to include one)")
     rng = random.Random(seed)
     remaining = [s for s in valid if s not in {c.step for c in chosen}]
     while len(chosen) < count and remaining:
@@ -108,7 +114,11 @@ def _run_in_child(make_trainer: Callable[[], BaseTrainer], plan: Plan, options: 
     process.start()
     process.join()
     if not result.exists():
-        raise RuntimeError(f"the fresh process running a segment of check_resume died (exit code {process.exitcode})")
+        raise RuntimeError(
+            f"the fresh process running a segment of check_resume died (exit code {process.exitcode}). With "
+            "subprocess=True, make_trainer must be importable by a fresh interpreter (a module-level function "
+            "of a module, or a functools.partial of one), and a script that calls check_resume must do so under "
+            "`if __name__ == \"__main__\":` (the fresh process imports the script again)")
     import json
 
     data = json.loads(result.read_text())
@@ -137,9 +147,9 @@ def check_resume(
     (`report.exact`, `print(report)`, `report.to_dict()`).
 
     Args:
-        make_trainer: builds a fresh, not yet built trainer each time it is called (it is
-            called `interrupts + 2` times). Its workspace is replaced by a temporary one, so
-            nothing of an existing run is touched or resumed.
+        make_trainer: builds a fresh, not yet built trainer each time it is called (once per
+            run, plus once to warm up each process). Its workspace is replaced by a temporary
+            one, so nothing of an existing run is touched or resumed.
         steps: optimizer steps to train (None: a few dozen, more when the first evaluation
             or epoch end comes a little later).
         interrupts: how many times to interrupt the run (>= 1).
@@ -174,16 +184,20 @@ def check_resume(
 
         def observe(trainer: BaseTrainer) -> int:
             facts.update(trainer_facts(trainer))
-            return steps if steps is not None else auto_steps(facts)
+            total = trainer.estimated_total_steps()  # a run shorter than the default is checked whole
+            planned = steps if steps is not None else min(auto_steps(facts), total) if total else auto_steps(facts)
+            facts["planned_steps"] = planned
+            return planned
 
         warm_up(make_trainer, _fresh(workspace))  # fresh processes do the same first
         _fresh(workspace)
         reference, _ = run_segment(make_trainer, Plan(end_step=0, every_step_attributes=True), workspace=workspace,
                                    seed=seed, end_step=observe)
+        gc.collect()
         end = facts["end_step"] = reference.steps[-1].step if reference.steps else 0
         interruptions, notes = choose_interruptions(reference, facts, interrupts, seed)
         kill_micro = max(1, facts["accumulation"] // 2) if facts["accumulation"] > 1 else None
-        target = steps if steps is not None else auto_steps(facts)
+        target = steps if steps is not None else facts["planned_steps"]
         segments: list[SegmentRecord] = []
         state: Any = None
         previous: Path | None = None
@@ -199,6 +213,7 @@ def check_resume(
             else:
                 record, state = run_segment(make_trainer, plan, resume_state=state, **options)
             segments.append(record)
+            gc.collect()  # the finished trainer and its loader's worker processes go now
             if capture is not None:
                 interruptions[i].killed = record.killed or "not: training ended first"
                 if record.captured_step is None:

@@ -30,7 +30,7 @@ from torch import nn
 #: Tensors larger than this (elements) are fingerprinted only where a resume is checked,
 #: not at every step of the uninterrupted run (where small attributes are, to tell
 #: nondeterministic ones such as timings apart).
-LARGE_TENSOR = 1 << 20
+LARGE_TENSOR = 1 << 24
 _MAX_ITEMS = 100_000  # a container longer than this is not inspected (a dataset, not a counter)
 _MAX_DEPTH = 8
 
@@ -125,6 +125,11 @@ def _generator_state(value: Any) -> Any:
     return value.bit_generator.state
 
 
+#: torch objects whose state is their `state_dict()` (a DataLoader's is not read: asking a
+#: StatefulDataLoader for it creates an iterator, which changes what it yields next).
+_STATEFUL = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.amp.GradScaler)
+
+
 class _Skip(Exception):
     """A value holds something check_resume does not look into."""
 
@@ -153,6 +158,8 @@ def _digest_value(value: Any, large: bool, depth: int = 0) -> str:
         return str(value)
     if _is_generator(value):
         return _join(state_fingerprints(_generator_state(value)))
+    if isinstance(value, _STATEFUL):  # a second optimizer, scheduler or scaler of the user's
+        return _join(state_fingerprints(value.state_dict()), type(value).__qualname__)
     if isinstance(value, nn.Module):
         state = value.state_dict()
         if not large and sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor)) > LARGE_TENSOR:
@@ -185,42 +192,60 @@ def _join(parts: Mapping[str, str], kind: str = "") -> str:
     return digest.hexdigest()
 
 
-def describe(value: Any) -> tuple[str, str]:
-    """`(shown, kind)` of an inspectable value: a short text for the report and its kind."""
+def kind_of(value: Any) -> str:
+    """What kind of thing an inspectable value is, for the report's hints."""
+    if _is_generator(value):
+        return "generator"
+    if isinstance(value, nn.Module):
+        return "module"
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if isinstance(value, _STATEFUL):
+        return "optimizer or scheduler"
+    numpy = _numpy()
+    if isinstance(value, (bool, int, float, complex)) or value is None or (
+            numpy is not None and isinstance(value, numpy.generic)):
+        return "number"
+    if isinstance(value, (str, bytes)):
+        return "text"
+    return "container"
+
+
+def describe(value: Any) -> str:
+    """A short text of an inspectable value for the report (cheap for large containers)."""
     if _is_generator(value):
         name = f"{type(value).__module__}.{type(value).__qualname__}"
         name = "torch.Generator" if isinstance(value, torch.Generator) else name
-        state = _join(state_fingerprints(_generator_state(value)))
-        return f"{name} in state {state[:8]}", "generator"
-    if isinstance(value, nn.Module):
-        return f"a module ({type(value).__name__})", "module"
+        return f"{name} in state {_join(state_fingerprints(_generator_state(value)))[:8]}"
+    if isinstance(value, (nn.Module, *_STATEFUL)):
+        return f"a {type(value).__name__}"
     if isinstance(value, torch.Tensor):
-        if value.numel() == 1:
-            return f"tensor({value.item()!r})", "tensor"
-        return f"a tensor of shape {tuple(value.shape)}", "tensor"
-    if isinstance(value, (bool, int, float, complex)) or value is None:
-        return repr(value), "number"
-    if isinstance(value, str):
-        return repr(value) if len(value) <= 40 else repr(value[:37]) + "...", "number"
+        return f"tensor({value.item()!r})" if value.numel() == 1 else f"a tensor of shape {tuple(value.shape)}"
     numpy = _numpy()
     if numpy is not None and isinstance(value, numpy.generic):
-        return repr(value.item()), "number"
+        return repr(value.item())
+    if isinstance(value, (str, bytes)):
+        return repr(value) if len(value) <= 40 else repr(value[:37]) + "..."
+    if isinstance(value, (bool, int, float, complex)) or value is None:
+        return repr(value)
     try:
-        size = f" of {len(value)}"
+        size = len(value)
     except TypeError:
-        size = ""
-    text = repr(value)
-    shown = text if len(text) <= 60 else f"a {type(value).__name__}{size}"
-    return shown, "container"
+        size = None
+    scalars = isinstance(value, (list, tuple, set, frozenset, collections.deque)) and size is not None and size <= 8 \
+        and all(isinstance(v, (bool, int, float, str)) or v is None for v in value)
+    if scalars and len(text := repr(value)) <= 60:
+        return text
+    return f"a {type(value).__name__}" + (f" of {size}" if size is not None else "")
 
 
-def inspect_value(value: Any, large: bool = True) -> Attribute | None:
-    """The `Attribute` of an inspectable value, or None when it is not one."""
+def inspect_value(value: Any, large: bool = True, shown: bool = True) -> Attribute | None:
+    """The `Attribute` of an inspectable value, or None when it is not one (`shown=False`:
+    without the report's text, which the per-step records do not need)."""
     try:
         digest = _digest_value(value, large)
     except _Skip:
         return None
     except Exception:  # noqa: BLE001 - a value whose state cannot be read is not inspected
         return None
-    shown, kind = describe(value)
-    return Attribute(digest, shown, kind)
+    return Attribute(digest, describe(value) if shown else "", kind_of(value))

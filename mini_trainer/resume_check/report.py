@@ -12,6 +12,7 @@ from .segment import SegmentRecord, StepRecord
 
 STATE_HINT = ("save it in state_dict() and restore it in load_state_dict(), or in a hook's "
               "on_state_dict/on_load_state_dict")
+ATTRIBUTE_HINT = STATE_HINT + " (if it is saved already: load_state_dict does not put back what was saved)"
 STATEFUL_LOADER = "mini_trainer.data.stateful_loader(dataset, batch_size, shuffle=True, seed=...)"
 
 
@@ -91,7 +92,7 @@ class ResumeReport:
             lines += ["", f"First difference: step {diff.step} ({where}): {diff.component}", f"  {diff.detail}",
                       f"  hint: {diff.hint}"]
         if self.unsaved_attributes:
-            lines += ["", "Attributes that changed during training and are not saved:"]
+            lines += ["", "Attributes that changed during training and came back different after resuming:"]
             for a in self.unsaved_attributes:
                 lines.append(f"  {a.name} ({a.kind}): {a.before} before training, {a.at_interruption} at step "
                              f"{a.step}, {a.after_resume} after resuming at step {a.step}")
@@ -269,7 +270,7 @@ def unsaved_attributes(reference: SegmentRecord, segments: Sequence[SegmentRecor
             rebuilt = (ref_after is not None and got_after is not None and ref_after.digest == got_after.digest
                        and not ref_after.digest.startswith("large:"))
             if changed and (after is None or after.digest != value.digest) and not rebuilt:
-                hint = STATE_HINT
+                hint = ATTRIBUTE_HINT
                 if value.kind == "generator":
                     hint = f"a random generator: save {name}.get_state() in state_dict() and set_state() it on load"
                 found[name] = UnsavedAttribute(name, value.kind, before.shown if before else "absent",
@@ -285,7 +286,7 @@ def analyse(reference: SegmentRecord, segments: Sequence[SegmentRecord], interru
     stops = [i.step for i in interruptions]
     counts = {"steps": 0, "batches": 0, "state_entries": len(reference.steps[-1].state) if reference.steps else 0}
     final = reference.steps[-1].state if reference.steps else {}
-    components = {component_of(p, [])[0] for p in final if final[p] != "{}"}
+    components = {component_of(p, [])[0] for p in final if final[p] not in ("{}", "NoneType:None")}
     counts["components"] = sorted(components, key=lambda c: (_ORDER.index(c) if c in _ORDER else len(_ORDER), c))
     counts["attributes"] = len(reference.initial_attributes)
     for i, segment in enumerate(segments):
@@ -316,8 +317,10 @@ def analyse(reference: SegmentRecord, segments: Sequence[SegmentRecord], interru
                 if resumed_at is None:
                     hint = ("two runs started the same way differ before any interruption, so resume cannot be "
                             "judged: seed the run (BaseTrainer(seed=...)), make make_trainer() build the same "
-                            "trainer every time, and avoid nondeterministic kernels "
-                            "(torch.use_deterministic_algorithms(True))")
+                            "trainer every time, avoid nondeterministic kernels "
+                            "(torch.use_deterministic_algorithms(True)), and look for state outside the trainer "
+                            "that carries over from one run to the next in this process (a module-level cache, a "
+                            "class attribute): --subprocess runs each in a fresh process")
                     component = f"not deterministic ({component})"
                 return Difference(step.step, component, detail, hint, resumed_at, paths), counts
             counts["steps"] += 1

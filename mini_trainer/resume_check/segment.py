@@ -17,8 +17,11 @@ A segment's record holds only plain data, so that it can come back from a fresh 
 
 from __future__ import annotations
 
+import ast
 import collections
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -31,6 +34,7 @@ from .. import checkpoint
 from ..checkpoint.format import join_state, split_state
 from ..hooks.base import BaseHook
 from ..hooks.checkpointing import CheckpointingHook
+from ..hooks.wandb import WandbHook
 from ..rng import seed_everything
 from ..trainer import END_OF_DATA, BaseTrainer
 from .fingerprint import Attribute, batch_fingerprint, inspect_value, state_fingerprints, tensor_digest
@@ -114,24 +118,47 @@ def base_attributes() -> frozenset[str]:
     return _base_attributes
 
 
-def inspected_attributes(trainer: BaseTrainer, large: bool = True) -> dict[str, Attribute]:
-    """The user's attributes: those a subclass adds to the trainer (`self.<name>`) and those
-    of hooks that are not mini_trainer's own (`<HookClass>.<name>`), when inspectable."""
+@functools.cache
+def library_attributes(cls: type) -> frozenset[str]:
+    """The attributes that mini_trainer's own classes in `cls`'s ancestry assign (`self.x = ...`
+    anywhere in them): the library's, whose resume its own tests cover, not the user's."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass.__module__.split(".")[0] != "mini_trainer":
+            continue
+        try:
+            tree = ast.parse(inspect.getsource(klass).strip() if klass.__module__ else "")
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for target in targets:
+                for leaf in (target.elts if isinstance(target, ast.Tuple) else [target]):
+                    if isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name) and leaf.value.id == "self":
+                        names.add(leaf.attr)
+    return frozenset(names)
+
+
+def inspected_attributes(trainer: BaseTrainer, large: bool = True, shown: bool = True) -> dict[str, Attribute]:
+    """The user's attributes, when inspectable: those the trainer's and the hooks' own code
+    sets (`self.<name>`, `<HookClass>.<name>`), not those of mini_trainer's classes (whose
+    resume the library's tests cover; their state is compared anyway) nor the declared
+    `transient_attributes`. `shown=False` skips the text for the report (per step)."""
     found: dict[str, Attribute] = {}
-    skip = base_attributes() | _PATCHED | set(getattr(type(trainer), TRANSIENT, ()))
-    for name, value in vars(trainer).items():
-        if name not in skip and (attribute := inspect_value(value, large)) is not None:
-            found[f"self.{name}"] = attribute
+    owners: list[tuple[str, Any]] = [("self", trainer)]
     seen: collections.Counter[str] = collections.Counter()
     for hook in trainer.hooks:
-        cls = type(hook)
-        if isinstance(hook, _Probe) or cls.__module__.split(".")[0] == "mini_trainer":
-            continue  # our hooks' resume is tested by our own suite; their state is compared anyway
-        seen[cls.__name__] += 1
-        label = cls.__name__ if seen[cls.__name__] == 1 else f"{cls.__name__}#{seen[cls.__name__]}"
-        transient = set(getattr(cls, TRANSIENT, ()))
-        for name, value in vars(hook).items():
-            if name not in transient and (attribute := inspect_value(value, large)) is not None:
+        if isinstance(hook, _Probe):
+            continue
+        seen[type(hook).__name__] += 1
+        count = seen[type(hook).__name__]
+        owners.append((type(hook).__name__ if count == 1 else f"{type(hook).__name__}#{count}", hook))
+    for label, owner in owners:
+        skip = library_attributes(type(owner)) | set(getattr(type(owner), TRANSIENT, ()))
+        if owner is trainer:
+            skip |= base_attributes() | _PATCHED
+        for name, value in vars(owner).items():
+            if name not in skip and (attribute := inspect_value(value, large, shown)) is not None:
                 found[f"{label}.{name}"] = attribute
     return found
 
@@ -206,7 +233,8 @@ class _Recorder(logging.Handler):
             epoch=trainer.epoch,
             batch_in_epoch=trainer.batch_in_epoch,
             evaluated="eval" in info,
-            attributes=inspected_attributes(trainer, large=False) if self.plan.every_step_attributes else None,
+            attributes=inspected_attributes(trainer, large=False, shown=False) if self.plan.every_step_attributes
+            else None,
         )
         self.batches = []
         self.record.steps.append(step)
@@ -217,18 +245,38 @@ class _Recorder(logging.Handler):
             self.armed = True
 
 
-def _adapt_checkpointing(hooks: list[BaseHook], resumed: bool, notes: list[str]) -> None:
-    """Keep the user's checkpointing hooks inside this segment's own workspace, and let a
-    resumed segment take its state from check_resume, not from a directory."""
+#: Where mini_trainer's hooks write outside the trainer's workspace when given an absolute path.
+_HOOK_PATHS = {"CheckpointingHook": "path", "CsvLoggerHook": "path", "TensorBoardHook": "log_dir",
+               "ImageFileLoggerHook": "path"}
+
+
+def _isolate_hooks(hooks: list[BaseHook], resumed: bool, notes: list[str]) -> list[BaseHook]:
+    """Keep every hook of the run inside this segment's own workspace (an absolute path of
+    a user's run would be written to, or trimmed on resume), leave out W&B (each run would be
+    a W&B run of its own), and let a resumed segment take its state from check_resume, not
+    from a checkpoint directory."""
+    kept = []
     for hook in hooks:
-        if not isinstance(hook, CheckpointingHook):
+        if isinstance(hook, WandbHook):
+            _note(notes, "WandbHook is left out: check-resume runs would each create a W&B run")
             continue
-        if hook.path.is_absolute():
-            notes.append(f"CheckpointingHook.path {str(hook.path)!r} is absolute: check-resume writes its "
-                         f"checkpoints to {hook.path.name!r} inside its own temporary workspace instead")
-            hook.path = Path(hook.path.name)
-        if resumed:
+        for cls in type(hook).__mro__:
+            attribute = _HOOK_PATHS.get(cls.__name__) if cls.__module__.startswith("mini_trainer.") else None
+            path = getattr(hook, attribute, None) if attribute else None
+            if isinstance(path, Path) and path.is_absolute():
+                _note(notes, f"{type(hook).__name__}.{attribute} {str(path)!r} is absolute: check-resume writes to "
+                             f"{path.name!r} inside its own temporary workspace instead")
+                setattr(hook, attribute, Path(path.name))
+                break
+        if resumed and isinstance(hook, CheckpointingHook):
             hook.load = None
+        kept.append(hook)
+    return kept
+
+
+def _note(notes: list[str], text: str) -> None:
+    if text not in notes:
+        notes.append(text)
 
 
 def run_segment(
@@ -271,9 +319,7 @@ def run_segment(
     build_hooks, next_batch = trainer.build_hooks, trainer.next_batch
 
     def observed_hooks() -> list[BaseHook]:
-        hooks = list(build_hooks())
-        _adapt_checkpointing(hooks, resumed, record.checkpointing_notes)
-        return [*hooks, recorder.probe]
+        return [*_isolate_hooks(list(build_hooks()), resumed, record.checkpointing_notes), recorder.probe]
 
     trainer.build_hooks = observed_hooks  # type: ignore[method-assign]
     trainer.next_batch = lambda: recorder.next_batch(trainer, next_batch)  # type: ignore[method-assign]
@@ -292,13 +338,20 @@ def run_segment(
             trainer.load_state_dict(state)
             record.restored_state = state_fingerprints(trainer.state_dict())
         record.start_step = trainer.step
+        # The run's own limits stay (max_epochs, a max_steps a scheduler was sized from);
+        # the check only ends it earlier. Set after build(): what was built from them is unchanged.
+        trainer.max_steps = min(trainer.max_steps or plan.end_step, plan.end_step)
         try:
-            trainer.fit(steps=max(plan.end_step - trainer.step, 1))
+            trainer.train()
             record.end_state = state_fingerprints(trainer.state_dict())
         except Killed:
             pass
     finally:
         library_logger.removeHandler(recorder)
+        # The wrappers refer to the trainer: without them it (and its loader's worker
+        # processes) goes away now, not at some later garbage collection.
+        for name in _PATCHED:
+            trainer.__dict__.pop(name, None)
     return record, (captured[0] if captured else None)
 
 
