@@ -159,28 +159,11 @@ def read_safetensors(
 
 def _parse_safetensors(path: Path, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
     size = buffer.numel()
-    if size < 8:
-        raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
     raw = buffer.numpy()
-    header_len = int.from_bytes(raw[:8].tobytes(), "little")
-    if header_len > min(size - 8, _MAX_HEADER):
-        raise CheckpointError(
-            f"{path}: truncated or not safetensors (a header of {header_len} bytes in a file of {size})"
-        )
+    header_len = _header_length(path, raw[:8].tobytes(), size)
     header = _parse_header(path, raw[8 : 8 + header_len].tobytes())
     data_start = 8 + header_len
-    entries = sorted(
-        (_check_entry(path, key, info) for key, info in header.items() if key != "__metadata__"),
-        key=lambda e: (e[3], e[4]),
-    )
-    expected = 0  # the data must be indexed entirely: each tensor starts where the previous ended
-    for key, _, _, begin, end in entries:
-        if begin != expected:
-            what = "overlaps the previous one" if begin < expected else "leaves a hole before it"
-            raise CheckpointError(f"{path}: tensor {key!r} (bytes {begin}..{end}) {what}")
-        expected = end
-    if data_start + expected != size:
-        raise CheckpointError(f"{path}: the tensors cover {expected} bytes of data, the file holds {size - data_start}")
+    entries = _data_layout(path, header, data_start, size)
     tensors: dict[str, torch.Tensor] = {}
     for key, dtype, shape, begin, end in entries:
         data = buffer[data_start + begin : data_start + end]
@@ -254,30 +237,41 @@ def read_safetensors_header(
     path = Path(path)
     with os.fdopen(open_regular_file(path, follow_symlinks), "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        if size < 8 or len(prefix) < 8:
-            raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > min(size - 8, _MAX_HEADER):
-            raise CheckpointError(
-                f"{path}: truncated or not safetensors (a header of {header_len} bytes in a file of {size})"
-            )
+        header_len = _header_length(path, f.read(8), size)
         text = f.read(header_len)
     if len(text) != header_len:
         raise CheckpointError(f"{path}: the file shrank while its header was read")
     header = _parse_header(path, text)
+    entries = _data_layout(path, header, 8 + header_len, size)
+    return {key: (dtype, shape) for key, dtype, shape, _, _ in entries}, dict(header.get("__metadata__", {}))
+
+
+def _header_length(path: Path, prefix: bytes, size: int) -> int:
+    """The header length a file of `size` bytes starts with (`prefix`: its first 8 bytes)."""
+    if size < 8 or len(prefix) < 8:
+        raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
+    header_len = int.from_bytes(prefix, "little")
+    if header_len > min(size - 8, _MAX_HEADER):
+        raise CheckpointError(
+            f"{path}: truncated or not safetensors (a header of {header_len} bytes in a file of {size})"
+        )
+    return header_len
+
+
+def _data_layout(path: Path, header: Mapping[str, Any], data_start: int, size: int) -> list[tuple]:
+    """The header's entries `(key, dtype, shape, begin, end)` in the order of their data, which
+    must be indexed entirely: each tensor starts where the previous one ended, the last one
+    where the file ends."""
     entries = sorted(
         (_check_entry(path, key, info) for key, info in header.items() if key != "__metadata__"),
         key=lambda e: (e[3], e[4]),
     )
-    expected = 0  # the same rule as reading: each tensor starts where the previous one ended
+    expected = 0
     for key, _, _, begin, end in entries:
         if begin != expected:
             what = "overlaps the previous one" if begin < expected else "leaves a hole before it"
             raise CheckpointError(f"{path}: tensor {key!r} (bytes {begin}..{end}) {what}")
         expected = end
-    if 8 + header_len + expected != size:
-        raise CheckpointError(
-            f"{path}: the tensors cover {expected} bytes of data, the file holds {size - 8 - header_len}"
-        )
-    return {key: (dtype, shape) for key, dtype, shape, _, _ in entries}, dict(header.get("__metadata__", {}))
+    if data_start + expected != size:
+        raise CheckpointError(f"{path}: the tensors cover {expected} bytes of data, the file holds {size - data_start}")
+    return entries
