@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
+from . import loading
 from .errors import CheckpointError
-from .files import check_listed_file, fsync_dir, hash_file, is_count, is_plain_name, verify_tree
+from .files import check_listed_file, fsync_dir, hash_file, is_count, verify_tree
 from .format import join_state
 from .loading import latest_checkpoint, read_checkpoint, read_manifest, read_pointer, sharded_listing
 from .safetensors_io import SAFETENSORS_DTYPES, read_safetensors_header, write_safetensors
@@ -134,8 +135,7 @@ def verify_checkpoint(path: str | os.PathLike, *, hash: bool = True) -> Verifica
         result.problems.append(Problem(MANIFEST, _reason(err, directory / MANIFEST, directory)))
         return result
     files = manifest["files"]
-    outside = [name for name, info in files.items()
-               if not is_plain_name(name) or name.startswith(".") or not isinstance(info, Mapping)]
+    outside = loading.files_outside(files)
     result.problems += [Problem(None, f"{MANIFEST} names a file outside it: {str(n)[:100]!r}") for n in outside]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # hashlib lets go of the GIL: files hash in parallel
         futures = {n: pool.submit(_check_file, directory / n, i, hash) for n, i in files.items() if n not in outside}
@@ -162,10 +162,9 @@ def verify_checkpoint(path: str | os.PathLike, *, hash: bool = True) -> Verifica
     except CheckpointError as err:
         result.problems.append(Problem(MANIFEST, str(err)))
         return result
-    if not isinstance(state, dict) or state.get("step") != manifest["step"]:
-        result.problems.append(Problem(MANIFEST, f"the state's step is not the manifest's ({manifest['step']})"))
-    elif bool(state.get("sharded")) != (listing is not None):
-        result.problems.append(Problem(MANIFEST, f"the state and the manifest disagree on {SHARDED_DIR}/"))
+    mismatch = loading.state_mismatch(state, manifest, listing is not None)
+    if mismatch is not None:
+        result.problems.append(Problem(MANIFEST, mismatch))
     else:
         result.state = state
     return result

@@ -184,11 +184,10 @@ def _load_directory(directory: Path, sharded: bool, verify_directories: bool = T
 def _load_directory_unchecked(directory: Path, sharded: bool, verify_directories: bool) -> LoadedCheckpoint:
     manifest = read_manifest(directory)
     files = manifest["files"]
-    for file, info in files.items():
-        if not is_plain_name(file) or file.startswith(".") or not isinstance(info, Mapping):
-            raise CheckpointError(
-                f"{directory}: {MANIFEST} names a file outside the checkpoint, or malformed: {str(file)[:100]!r}"
-            )
+    for file in files_outside(files):
+        raise CheckpointError(
+            f"{directory}: {MANIFEST} names a file outside the checkpoint, or malformed: {str(file)[:100]!r}"
+        )
     sharded_files = sharded_listing(directory, manifest, sharded)
     with concurrent.futures.ThreadPoolExecutor(max(len(files), 1)) as pool:
         if sharded_files is not None:  # names, sizes, no links (and hashes): before any file is read
@@ -199,13 +198,27 @@ def _load_directory_unchecked(directory: Path, sharded: bool, verify_directories
         }
         tensors = {file: future.result() for file, future in futures.items()}
     state = join_state(manifest["state"], tensors)
-    if not isinstance(state, dict) or state.get("step") != manifest["step"]:
-        raise CheckpointError(f"{directory}: the state's step does not match the manifest's ({manifest['step']})")
-    if bool(state.get("sharded")) != (sharded_files is not None):
-        raise CheckpointError(
-            f"{directory}: the state and the manifest disagree on whether it has a {SHARDED_DIR}/ directory"
-        )
+    mismatch = state_mismatch(state, manifest, sharded_files is not None)
+    if mismatch is not None:
+        raise CheckpointError(f"{directory}: {mismatch}")
     return LoadedCheckpoint(directory, state, sharded_files)
+
+
+def files_outside(files: Mapping[str, Any]) -> list[str]:
+    """The names a manifest's `files` listing must not have: not a plain name inside the
+    checkpoint, hidden, or without a `{sha256, bytes}` entry."""
+    return [name for name, info in files.items()
+            if not is_plain_name(name) or name.startswith(".") or not isinstance(info, Mapping)]
+
+
+def state_mismatch(state: Any, manifest: Mapping[str, Any], has_sharded: bool) -> str | None:
+    """Why a joined state does not belong to its manifest (another step, or disagreeing on
+    `sharded/`), or None."""
+    if not isinstance(state, dict) or state.get("step") != manifest["step"]:
+        return f"the state's step does not match the manifest's ({manifest['step']})"
+    if bool(state.get("sharded")) != has_sharded:
+        return f"the state and the manifest disagree on whether it has a {SHARDED_DIR}/ directory"
+    return None
 
 
 def _read_listed(path: Path, info: Mapping[str, Any]) -> dict[str, torch.Tensor]:
