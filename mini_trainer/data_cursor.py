@@ -58,8 +58,9 @@ class DataCursor:
         self._device = device if device.type != "cpu" else None
         self._iterator: Iterator | None = None
         self._skip_batches = 0  # to fast-forward after a resume (loaders that cannot save their position)
-        self._loader_restored = False  # the loader's next iterator continues a checkpointed epoch
-        self._restored_loader_state: Any = None  # what it was restored from (its state until then)
+        # The loader state a resume gave the loader, until its next iterator continues that
+        # epoch (None: no restored position is waiting; until then it is the loader's state).
+        self._pending_loader_state: Any = None
         self._iterated = False  # whether an iterator of `loader` was ever made here
 
     def replace_loader(self, loader: Iterable) -> None:
@@ -167,7 +168,7 @@ class DataCursor:
                 seen.add(id(obj))
                 obj.set_epoch(self.epoch)
         self._iterated = True
-        if not (self._loader_restored or self._skip_batches):
+        if self._pending_loader_state is None and not self._skip_batches:
             return iter(loader)  # type: ignore[arg-type]
         # Continuing an epoch after a resume. The uninterrupted run created this epoch's
         # iterator before the checkpoint was taken, and creating one draws from the global
@@ -180,7 +181,7 @@ class DataCursor:
             # resumes exactly).
             for _ in range(self._skip_batches):
                 next(iterator, None)
-        self._loader_restored = False
+        self._pending_loader_state = None
         self._skip_batches = 0
         return iterator
 
@@ -198,8 +199,8 @@ class DataCursor:
         # draw (and so every random number after it). A restored position not used yet is
         # returned as it is; a loader never iterated has no position to save. (Both found
         # by check_resume: a save right after resuming changed the training that followed.)
-        if self._loader_restored and self._iterator is None:
-            return {"data_loader": self._restored_loader_state}
+        if self._pending_loader_state is not None:
+            return {"data_loader": self._pending_loader_state}
         if not self._iterated:
             return {"data_loader": None}
         return {"data_loader": save()}
@@ -224,7 +225,6 @@ class DataCursor:
         loader_resumes = loader_state is not None and callable(getattr(self.loader, "load_state_dict", None))
         if loader_resumes:
             self.loader.load_state_dict(loader_state)  # type: ignore[union-attr]
-            self._restored_loader_state = loader_state
         self._skip_batches = 0 if loader_resumes else batch_in_epoch
         if self._skip_batches and type(getattr(self.loader, "sampler", None)) is torch.utils.data.RandomSampler:
             self.logger.warning(
@@ -232,7 +232,7 @@ class DataCursor:
                 "epoch %d comes in a different order than before the interruption (use "
                 "mini_trainer.data.stateful_loader for an exact resume)", epoch,
             )
-        self._loader_restored = loader_resumes
+        self._pending_loader_state = loader_state if loader_resumes else None
 
     def move(
         self, epoch: int, batch_in_epoch: int, position: Mapping[str, int] | None, saved_world: int, world: int
@@ -242,7 +242,7 @@ class DataCursor:
         consumed (an `EpochShuffleSampler`), or else by batch count, with a warning."""
         self.epoch, self.batch_in_epoch, self._iterator = epoch, batch_in_epoch, None
         sampler = epoch_sampler(self.loader)
-        self._loader_restored = False
+        self._pending_loader_state = None
         if sampler is not None and position is not None:
             sampler.set_epoch(epoch)  # its length below is this epoch's
             sampler.resume_at(epoch, int(position["samples"]))
