@@ -129,6 +129,24 @@ def build_from_cfg(
         raise TypeError(f"building {_qualname(factory)} from config failed: {err}") from err
 
 
+def build_config_trainer(cfg: Mapping[str, Any]) -> Any:
+    """Import a config's `imports` (modules that register the user's classes), then build its
+    `trainer` entry. What is wrong in the config is a TypeError, ImportError or KeyError
+    saying so."""
+    imports = cfg.get("imports", [])
+    if not isinstance(imports, (list, tuple)):
+        raise TypeError(f"config 'imports' must be a list of module names; got {imports!r}")
+    for module in imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ImportError(f"config 'imports': cannot import {module!r} ({err})") from err
+    if "trainer" not in cfg:
+        raise KeyError(f"the config has no 'trainer' entry (keys: {', '.join(cfg) or 'none'}); "
+                       "define trainer = dict(type=..., ...)")
+    return build_from_cfg(cfg["trainer"])
+
+
 def _build_nested(value: Any, registry: Registry) -> Any:
     if isinstance(value, Mapping):
         if "type" in value:

@@ -5,7 +5,6 @@ mini_trainer` is the same entry point (what `torchrun -m mini_trainer` starts)."
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, distributed
-from .builder import build_from_cfg
+from .builder import build_config_trainer
 from .checkpoint import CheckpointDirectoryError, CheckpointError
 from .ckpt_cli import add_ckpt_command, run_ckpt
 from .config import load_config, parse_override
@@ -108,23 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_train(cfg: dict[str, Any], evaluate: bool = True) -> int:
     """Import the config's `imports`, build `cfg["trainer"]`, train, evaluate, report."""
-    imports = cfg.get("imports", [])
-    if not isinstance(imports, (list, tuple)):
-        return _usage_error(f"config 'imports' must be a list of module names; got {imports!r}")
-    for module in imports:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            return _usage_error(f"config 'imports': cannot import {module!r} ({err})")
-    if "trainer" not in cfg:
-        return _usage_error(
-            f"the config has no 'trainer' entry (keys: {', '.join(cfg) or 'none'}); "
-            "define trainer = dict(type=..., ...)"
-        )
-    # Building (trainer, model, optimizer, data, hooks) is where config mistakes surface:
-    # report those as usage errors; failures during training keep their traceback.
+    # Building (imports, trainer, model, optimizer, data, hooks) is where config mistakes
+    # surface: report those as usage errors; failures during training keep their traceback.
     try:
-        trainer = build_from_cfg(cfg["trainer"])
+        trainer = build_config_trainer(cfg)
         if callable(getattr(trainer, "build", None)):
             trainer.build()
         if callable(getattr(trainer, "check_limits", None)):

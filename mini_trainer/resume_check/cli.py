@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib
 import json
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..builder import build_from_cfg
+from ..builder import build_config_trainer
 from ..config import load_config, parse_override
 from ..trainer import BaseTrainer
 from .check import check_resume
@@ -41,16 +40,7 @@ Exit status: 0 exact, 1 not exact (or training failed), 2 usage error.
 def trainer_from_config(path: str, overrides: Sequence[str]) -> BaseTrainer:
     """A fresh trainer from the config at `path` (a module-level function, so that
     `functools.partial` of it reaches fresh processes)."""
-    cfg = load_config(path, list(overrides))
-    imports = cfg.get("imports", [])
-    if not isinstance(imports, (list, tuple)):
-        raise TypeError(f"config 'imports' must be a list of module names; got {imports!r}")
-    for module in imports:
-        importlib.import_module(module)
-    if "trainer" not in cfg:
-        raise KeyError(f"the config has no 'trainer' entry (keys: {', '.join(cfg) or 'none'}); "
-                       "define trainer = dict(type=..., ...)")
-    trainer = build_from_cfg(cfg["trainer"])
+    trainer = build_config_trainer(load_config(path, list(overrides)))
     if not isinstance(trainer, BaseTrainer):
         raise TypeError(f"check-resume needs a mini_trainer BaseTrainer; the config built a {type(trainer).__name__}")
     return trainer
