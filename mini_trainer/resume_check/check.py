@@ -15,6 +15,7 @@ state), and the user's own attributes are inspected at every resume (report.py s
 from __future__ import annotations
 
 import gc
+import json
 import math
 import multiprocessing
 import pickle
@@ -25,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from torch.utils.data import RandomSampler
 
 from ..state import optimized_param_names
 from ..trainer import BaseTrainer
@@ -45,8 +48,6 @@ def trainer_facts(trainer: BaseTrainer) -> dict[str, Any]:
         per_epoch = len(loader)  # type: ignore[arg-type]
     except TypeError:
         per_epoch = None
-    from torch.utils.data import RandomSampler
-
     saves = callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
     intervals = [h.interval for h in trainer.hooks if type(h).__name__ == "EvalHook" and getattr(h, "interval", None)]
     return {
@@ -119,8 +120,6 @@ def _run_in_child(make_trainer: Callable[[], BaseTrainer], plan: Plan, options: 
             "subprocess=True, make_trainer must be importable by a fresh interpreter (a module-level function "
             "of a module, or a functools.partial of one), and a script that calls check_resume must do so under "
             "`if __name__ == \"__main__\":` (the fresh process imports the script again)")
-    import json
-
     data = json.loads(result.read_text())
     if "error" in data:
         raise RuntimeError(f"a segment of check_resume failed in its fresh process: {data['error']}\n"
@@ -185,25 +184,25 @@ def check_resume(
         def observe(trainer: BaseTrainer) -> int:
             facts.update(trainer_facts(trainer))
             total = trainer.estimated_total_steps()  # a run shorter than the default is checked whole
-            planned = steps if steps is not None else min(auto_steps(facts), total) if total else auto_steps(facts)
-            facts["planned_steps"] = planned
-            return planned
+            planned = steps if steps is not None else auto_steps(facts)
+            facts["planned_steps"] = min(planned, total) if steps is None and total else planned
+            return facts["planned_steps"]
 
         warm_up(make_trainer, _fresh(workspace))  # fresh processes do the same first
         _fresh(workspace)
-        reference, _ = run_segment(make_trainer, Plan(end_step=0, every_step_attributes=True), workspace=workspace,
+        reference, _ = run_segment(make_trainer, Plan(end_step=0), workspace=workspace,
                                    seed=seed, end_step=observe)
         gc.collect()
-        end = facts["end_step"] = reference.steps[-1].step if reference.steps else 0
+        end = reference.steps[-1].step if reference.steps else 0
         interruptions, notes = choose_interruptions(reference, facts, interrupts, seed)
         kill_micro = max(1, facts["accumulation"] // 2) if facts["accumulation"] > 1 else None
-        target = steps if steps is not None else facts["planned_steps"]
+        target = facts["planned_steps"]
         segments: list[SegmentRecord] = []
         state: Any = None
         previous: Path | None = None
         for i in range(len(interruptions) + 1):
             capture = interruptions[i].step if i < len(interruptions) else None
-            plan = Plan(end_step=target, capture_step=capture, kill_micro=kill_micro, every_step_attributes=True)
+            plan = Plan(end_step=target, capture_step=capture, kill_micro=kill_micro)
             options: dict[str, Any] = {"workspace": _fresh(workspace), "seed": seed if i == 0 else seed + 7919 * i}
             if subprocess:
                 options["resume_from"] = previous
@@ -221,7 +220,7 @@ def check_resume(
         unsaved, ignored = unsaved_attributes(reference, segments, interruptions)
         difference, counts = analyse(reference, segments, interruptions, facts, unsaved)
     for record in (reference, *segments):
-        notes += [n for n in record.checkpointing_notes if n not in notes]
+        notes += [n for n in record.notes if n not in notes]
     if end < target:
         notes.append(f"the uninterrupted run stopped by itself at step {end} (should_stop, e.g. early stopping, "
                      "or the end of max_epochs)")

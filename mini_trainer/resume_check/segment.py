@@ -57,14 +57,11 @@ class Plan:
     """What a segment does: train until `end_step`; with `capture_step`, save the state at
     the end of that step and get killed after it (`kill_micro`: when micro-batch
     `kill_micro` of the next step is requested; None: when the step after the next one
-    asks for its first batch). `every_step_attributes`: fingerprint the inspected
-    attributes after every step (the uninterrupted run does, to tell nondeterministic
-    ones such as timings apart)."""
+    asks for its first batch)."""
 
     end_step: int
     capture_step: int | None = None
     kill_micro: int | None = None
-    every_step_attributes: bool = False
 
 
 @dataclasses.dataclass
@@ -77,7 +74,7 @@ class StepRecord:
     epoch: int
     batch_in_epoch: int
     evaluated: bool
-    attributes: dict[str, Attribute] | None = None
+    attributes: dict[str, Attribute]
 
 
 @dataclasses.dataclass
@@ -92,7 +89,7 @@ class SegmentRecord:
     killed: str | None = None  # where it was killed
     end_state: dict[str, str] | None = None  # after the run ended normally (after on_after_train)
     warnings: list[str] = dataclasses.field(default_factory=list)
-    checkpointing_notes: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -233,8 +230,8 @@ class _Recorder(logging.Handler):
             epoch=trainer.epoch,
             batch_in_epoch=trainer.batch_in_epoch,
             evaluated="eval" in info,
-            attributes=inspected_attributes(trainer, large=False, shown=False) if self.plan.every_step_attributes
-            else None,
+            # every step: to tell nondeterministic attributes (timings) and scratch state apart
+            attributes=inspected_attributes(trainer, large=False, shown=False),
         )
         self.batches = []
         self.record.steps.append(step)
@@ -319,7 +316,7 @@ def run_segment(
     build_hooks, next_batch = trainer.build_hooks, trainer.next_batch
 
     def observed_hooks() -> list[BaseHook]:
-        return [*_isolate_hooks(list(build_hooks()), resumed, record.checkpointing_notes), recorder.probe]
+        return [*_isolate_hooks(list(build_hooks()), resumed, record.notes), recorder.probe]
 
     trainer.build_hooks = observed_hooks  # type: ignore[method-assign]
     trainer.next_batch = lambda: recorder.next_batch(trainer, next_batch)  # type: ignore[method-assign]
