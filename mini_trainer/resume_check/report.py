@@ -222,7 +222,7 @@ def _compare_step(ref: StepRecord, got: StepRecord, facts: Mapping[str, Any], wa
         detail = (f"loss {got.loss!r} after resuming, {ref.loss!r} without interruption, on the same batches and "
                   "from the same saved state")
         return "loss", detail, _loss_hint(unsaved), []
-    paths = sorted(p for p in set(ref.state) | set(got.state) if ref.state.get(p) != got.state.get(p))
+    paths = _differing(ref.state, got.state)
     if paths:
         component, readable = _first_component(paths, facts.get("param_names", []))
         suspects = ", ".join(a.name for a in unsaved)
@@ -230,6 +230,17 @@ def _compare_step(ref: StepRecord, got: StepRecord, facts: Mapping[str, Any], wa
             f" (and {len(readable) - 4} more)" if len(readable) > 4 else "")
         return component, detail, _state_hint(component, suspects), paths
     return None
+
+
+def _step(record: SegmentRecord, step: int | None) -> StepRecord:
+    """The record of `step` in a segment (an empty one when the segment has none)."""
+    found = next((s for s in record.steps if s.step == step), None)
+    return found or StepRecord(step or 0, None, None, [], {}, 0, 0, False, {})
+
+
+def _differing(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:
+    """The paths whose fingerprints differ (or that only one side has), sorted."""
+    return sorted(p for p in set(a) | set(b) if a.get(p) != b.get(p))
 
 
 def unsaved_attributes(reference: SegmentRecord, segments: Sequence[SegmentRecord],
@@ -240,8 +251,7 @@ def unsaved_attributes(reference: SegmentRecord, segments: Sequence[SegmentRecor
     interruption)."""
     first = interruptions[0].step if interruptions else None
     ignored: set[str] = set()
-    ref_at = next((s.attributes for s in reference.steps if s.step == first), None) or {}
-    seg_at = next((s.attributes for s in segments[0].steps if s.step == first), None) or {}
+    ref_at, seg_at = _step(reference, first).attributes, _step(segments[0], first).attributes
     for name in set(ref_at) | set(seg_at):
         if ref_at.get(name) is None or seg_at.get(name) is None or ref_at[name].digest != seg_at[name].digest:
             ignored.add(name)
@@ -258,8 +268,7 @@ def unsaved_attributes(reference: SegmentRecord, segments: Sequence[SegmentRecor
         # After the first step from the resume: scratch state that every step rebuilds before
         # using it (the phase of this step, a flag) is equal again, and is no loss.
         next_step = stop.step + 1
-        ref_next = next((s.attributes for s in reference.steps if s.step == next_step), None) or {}
-        got_next = next((s.attributes for s in segments[i + 1].steps if s.step == next_step), None) or {}
+        ref_next, got_next = _step(reference, next_step).attributes, _step(segments[i + 1], next_step).attributes
         for name, value in captured.items():
             if name in ignored or name in found:
                 continue
@@ -293,10 +302,9 @@ def analyse(reference: SegmentRecord, segments: Sequence[SegmentRecord], interru
         resumed_at = stops[i - 1] if i > 0 else None
         last = stops[i] if i < len(stops) else None
         if resumed_at is not None and segment.restored_state is not None:
-            saved = next((s.state for s in segments[i - 1].steps if s.step == resumed_at), None)
-            if saved is not None and saved != segment.restored_state:
-                paths = sorted(p for p in set(saved) | set(segment.restored_state)
-                               if saved.get(p) != segment.restored_state.get(p))
+            saved = _step(segments[i - 1], resumed_at).state
+            if saved and saved != segment.restored_state:
+                paths = _differing(saved, segment.restored_state)
                 component, readable = _first_component(paths, facts.get("param_names", []))
                 detail = (f"right after load_state_dict, {component} differs from what was saved: "
                           f"{'; '.join(readable[:4])}")
@@ -333,8 +341,7 @@ def analyse(reference: SegmentRecord, segments: Sequence[SegmentRecord], interru
                           f"uninterrupted one at step {ref_last}", "should_stop or the data's end is not restored",
                           stops[-1] if stops else None), counts
     if final.end_state is not None and reference.end_state is not None and final.end_state != reference.end_state:
-        paths = sorted(p for p in set(final.end_state) | set(reference.end_state)
-                       if final.end_state.get(p) != reference.end_state.get(p))
+        paths = _differing(reference.end_state, final.end_state)
         component, readable = _first_component(paths, facts.get("param_names", []))
         return Difference(ref_last, component, f"after training ended (on_after_train), {component} differs: "
                           f"{'; '.join(readable[:4])}", _state_hint(component, ""), stops[-1] if stops else None,
