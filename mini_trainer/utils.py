@@ -188,6 +188,19 @@ def create_directory(name: str, path: Path) -> None:
         raise OSError(err.errno, f"{name} {str(path)!r} cannot be created: {err.strerror or err}") from None
 
 
+def check_flag(name: str, value: Any) -> None:
+    """Raise TypeError, naming `name`, unless `value` is True or False."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
+
+
+def as_path(name: str, value: Any) -> Path:
+    """`value` as a Path; a TypeError naming `name` unless it is a str or an os.PathLike."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike; got {type(value).__name__} {value!r}")
+    return Path(value)
+
+
 def check_directory_path(name: str, path: str | os.PathLike) -> None:
     """Raise ValueError, naming `name`, unless `path` can be a directory: no NUL byte, names
     and the whole path within the filesystem's limits, and no existing file in the way

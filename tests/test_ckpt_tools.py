@@ -386,3 +386,19 @@ def test_sharded_checkpoint_exports_gathered_in_one_process(tmp_path, capsys):
     flip_byte(directory / "sharded" / "__1_0.distcp")
     code, out, _ = ckpt(capsys, "verify", tmp_path / "ckpt")
     assert code == 1 and "sharded/__1_0.distcp: does not match its sha256" in out
+
+
+@pytest.mark.parametrize(
+    ("call", "needle"),
+    [
+        (lambda out: checkpoint.export_weights("anywhere", 3), r"export_weights\(output\) must be a str"),
+        (lambda out: checkpoint.export_weights("anywhere", out, ema=3), r"export_weights\(ema\) must be True, False"),
+        (lambda out: checkpoint.export_weights("anywhere", out, force="yes"), r"export_weights\(force\) must be True"),
+        (lambda out: checkpoint.verify_checkpoint(5), "path must be a str or os.PathLike; got int 5"),
+        (lambda out: checkpoint.describe_checkpoint(None), "path must be a str or os.PathLike; got NoneType"),
+    ],
+)
+def test_python_entry_points_reject_arguments_of_the_wrong_type_naming_them(tmp_path, call, needle):
+    with pytest.raises(TypeError, match=needle):
+        call(tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

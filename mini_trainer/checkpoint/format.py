@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -220,3 +221,21 @@ def join_state(skeleton: Any, tensors: Mapping[str, Mapping[str, torch.Tensor]])
             f"{file} holds {len(unused)} tensor(s) that the manifest does not refer to (e.g. {key!r})"
         )
     return state
+
+
+# Name parts of wrappers (torch.compile, FSDP1, activation checkpointing), never of the plain
+# module. A leading "module." (DDP) is apart: a model may own a submodule called "module".
+_WRAPPER_PARTS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+
+
+def unwrapped_names(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """`tensors` under the plain module's names, and how many were renamed: every
+    `_orig_mod` (torch.compile), `_fsdp_wrapped_module`, `_checkpoint_wrapped_module` part
+    removed, and a leading `module.` (DDP) when every key has one."""
+    names = {k: ".".join(p for p in k.split(".") if p not in _WRAPPER_PARTS) for k in tensors}
+    if names and all(n.startswith("module.") for n in names.values()):
+        names = {k: n.removeprefix("module.") for k, n in names.items()}
+    clashes = sorted(n for n, count in Counter(names.values()).items() if count > 1)
+    if clashes:
+        raise CheckpointError(f"removing wrapper prefixes makes names collide: {', '.join(clashes[:5])}")
+    return {names[k]: v for k, v in tensors.items()}, sum(k != n for k, n in names.items())

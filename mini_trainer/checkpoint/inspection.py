@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
+from ..utils import as_path, check_flag
 from . import loading
 from .errors import CheckpointError
 from .files import check_listed_file, fsync_dir, hash_file, is_count, verify_tree
-from .format import join_state
+from .format import join_state, unwrapped_names
 from .loading import latest_checkpoint, read_checkpoint, read_manifest, read_pointer, sharded_listing
 from .safetensors_io import SAFETENSORS_DTYPES, read_safetensors_header, write_safetensors
 from .sharded import check_dcp_metadata, load_sharded
@@ -36,9 +37,6 @@ from .writing import BEST, FORMAT, LATEST, MANIFEST, SHARDED_DIR, STEP_DIR, TEMP
 #: the `dtype` names `export_weights` accepts
 EXPORT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}
-# Name parts of wrappers (torch.compile, FSDP1, activation checkpointing), never of the plain
-# module. A leading "module." (DDP) is apart: a model may own a submodule called "module".
-_WRAPPER_PARTS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 _MAX_MANIFEST_PEEK = 1 << 20  # bytes read to tell our manifest.json from someone else's
 
 
@@ -84,7 +82,7 @@ def locate(path: str | os.PathLike) -> tuple[str, Path, str | None]:
     """`("checkpoint", directory, None)` (our manifest.json is there) or `("root", root, note)`:
     a checkpoint root (step_* directories, `latest`, `best`, the run lock), or a run directory
     whose `checkpoints/` is one (`note` says so). Else NotACheckpointError: what was sought."""
-    given = Path(path)
+    given = as_path("path", path)
     if not given.exists():
         raise NotACheckpointError(f"{given}: no such file or directory")
     if not given.is_dir():
@@ -126,7 +124,7 @@ def verify_checkpoint(path: str | os.PathLike, *, hash: bool = True) -> Verifica
     streamed), each safetensors header, the `sharded/` tree (exactly the listed files,
     hashes too) and its DCP metadata, and the state's tensor references against the files.
     Nothing is parsed before its checks passed."""
-    directory = Path(path)
+    directory = as_path("path", path)
     result = Verification(directory, size=_disk_size(directory))
     try:
         manifest = result.manifest = read_manifest(directory)
@@ -390,7 +388,10 @@ def export_weights(path: str | os.PathLike, output: str | os.PathLike, *, ema: b
     epoch, source (absolute path), weights ("model"/"ema"), hook, dtype, mini_trainer_version."""
     from .. import __version__
 
-    output = Path(output)
+    output = as_path("export_weights(output)", output)
+    check_flag("export_weights(force)", force)
+    if not isinstance(ema, (bool, str)):
+        raise TypeError(f"export_weights(ema) must be True, False or an EMA hook's name; got {ema!r}")
     if isinstance(dtype, str) and dtype.lower() in EXPORT_DTYPES:
         dtype = EXPORT_DTYPES[dtype.lower()]
     if dtype is not None and dtype not in EXPORT_DTYPES.values():
@@ -442,19 +443,6 @@ def _ema_hook(state: Mapping[str, Any], ema: bool | str, directory: Path) -> str
     if not isinstance(ema, str) and len(found) > 1:
         raise ValueError(f"{directory} holds several EMA weights ({', '.join(found)}); name one")
     return ema if isinstance(ema, str) else found[0]
-
-
-def unwrapped_names(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """`tensors` under the plain module's names, and how many were renamed: every
-    `_orig_mod` (torch.compile), `_fsdp_wrapped_module`, `_checkpoint_wrapped_module` part
-    removed, and a leading `module.` (DDP) when every key has one."""
-    names = {k: ".".join(p for p in k.split(".") if p not in _WRAPPER_PARTS) for k in tensors}
-    if names and all(n.startswith("module.") for n in names.values()):
-        names = {k: n.removeprefix("module.") for k, n in names.items()}
-    clashes = sorted(n for n, count in Counter(names.values()).items() if count > 1)
-    if clashes:
-        raise CheckpointError(f"removing wrapper prefixes makes names collide: {', '.join(clashes[:5])}")
-    return {names[k]: v for k, v in tensors.items()}, sum(k != n for k, n in names.items())
 
 
 def _gather_sharded(directory: Path, listing: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..builder import REGISTRY
 from ..distributed import is_main_process
-from ..utils import check_choice, check_int, check_number
+from ..utils import check_choice, check_flag, check_int, check_number
 from .base import BaseHook
 from .ema import EmaHook
 
@@ -32,11 +32,6 @@ __all__ = ["EarlyStoppingHook", "EvalHook", "MetricMonitor", "evaluation_results
 def evaluation_results(trainer: BaseTrainer) -> Mapping[str, float] | None:
     """The results of an evaluation at this step (`step_info["eval"]`), or None."""
     return trainer.step_info.get("eval")
-
-
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
 
 
 @REGISTRY.register()
@@ -72,8 +67,8 @@ class EvalHook(BaseHook):
         check_int("EvalHook.interval", interval, minimum=1, allow_none=True)
         if not isinstance(name, str) or not name:
             raise TypeError(f"EvalHook.name must be a non-empty string; got {name!r}")
-        _check_flag("EvalHook.every_epoch", every_epoch)
-        _check_flag("EvalHook.at_end", at_end)
+        check_flag("EvalHook.every_epoch", every_epoch)
+        check_flag("EvalHook.at_end", at_end)
         if not isinstance(ema, (bool, str)):
             raise TypeError(f"EvalHook.ema must be True, False or an EmaHook name; got {type(ema).__name__} {ema!r}")
         if splits is not None and (isinstance(splits, str) or not all(isinstance(s, str) for s in splits)):

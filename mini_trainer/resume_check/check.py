@@ -31,7 +31,7 @@ from torch.utils.data import RandomSampler
 
 from ..state import optimized_param_names
 from ..trainer import BaseTrainer
-from ..utils import check_int
+from ..utils import check_flag, check_int
 from .report import Interruption, ResumeReport, analyse, unsaved_attributes
 from .segment import Plan, SegmentRecord, run_segment, run_segment_in_child, torch_settings, warm_up
 
@@ -167,8 +167,7 @@ def check_resume(
     check_int("check_resume(steps)", steps, minimum=3, allow_none=True)
     check_int("check_resume(interrupts)", interrupts, minimum=1)
     check_int("check_resume(seed)", seed)
-    if not isinstance(subprocess, bool):
-        raise TypeError(f"check_resume(subprocess) must be True or False; got {subprocess!r}")
+    check_flag("check_resume(subprocess)", subprocess)
     if subprocess:
         try:
             pickle.dumps(make_trainer)
