@@ -212,6 +212,10 @@ def test_bad_arguments_are_errors_naming_the_argument():
         check_resume(Classifier, interrupts=0)
     with pytest.raises(TypeError, match="make_trainer"):
         check_resume(Classifier())
+    with pytest.raises(TypeError, match=r"check_resume\(workdir\) must be a str or os.PathLike"):
+        check_resume(Classifier, workdir=3)
+    with pytest.raises(TypeError, match=r"check_resume\(subprocess\) must be True or False"):
+        check_resume(Classifier, subprocess=1)
     with pytest.raises(TypeError, match="picklable"):
         check_resume(lambda: Classifier(), subprocess=True)
 

@@ -31,7 +31,7 @@ from torch.utils.data import RandomSampler
 
 from ..state import optimized_param_names
 from ..trainer import BaseTrainer
-from ..utils import check_flag, check_int
+from ..utils import as_path, check_flag, check_int
 from .report import Interruption, ResumeReport, analyse, unsaved_attributes
 from .segment import Plan, SegmentRecord, run_segment, run_segment_in_child, torch_settings, warm_up
 
@@ -168,6 +168,7 @@ def check_resume(
     check_int("check_resume(interrupts)", interrupts, minimum=1)
     check_int("check_resume(seed)", seed)
     check_flag("check_resume(subprocess)", subprocess)
+    workdir = as_path("check_resume(workdir)", workdir) if workdir is not None else None
     if subprocess:
         try:
             pickle.dumps(make_trainer)
