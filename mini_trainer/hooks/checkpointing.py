@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import checkpoint, distributed
 from ..builder import REGISTRY
-from ..utils import check_choice, check_int, check_number, in_workspace
+from ..utils import check_choice, check_flag, check_int, check_number, in_workspace
 from .base import BaseHook
 from .best_checkpoint import STATE_KEY as BEST_STATE_KEY
 from .best_checkpoint import BestCheckpoint, step_metrics
@@ -127,14 +127,9 @@ class CheckpointingHook(BaseHook):
                 raise ValueError(
                     f"CheckpointingHook.exit_code must be '128+signal' or an integer in 0..255; got {exit_code!r}"
                 )
-        for flag, value in (
-            ("save_at_end", save_at_end),
-            ("fsync", fsync),
-            ("async_save", async_save),
-            ("sharded", sharded),
-        ):
-            if not isinstance(value, bool):
-                raise TypeError(f"CheckpointingHook.{flag} must be True or False; got {type(value).__name__} {value!r}")
+        for flag, value in (("save_at_end", save_at_end), ("fsync", fsync), ("async_save", async_save),
+                            ("sharded", sharded)):
+            check_flag(f"CheckpointingHook.{flag}", value)
         if async_save and sharded:
             raise ValueError("CheckpointingHook: async_save=True with sharded=True is not supported; choose one")
         check_choice("CheckpointingHook.best_mode", best_mode, ("min", "max"))

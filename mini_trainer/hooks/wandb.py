@@ -30,7 +30,7 @@ from ..builder import REGISTRY
 from ..distributed import is_main_process
 from ..images import as_image_list, is_image_batch, to_pil
 from ..plain import json_safe, to_plain
-from ..utils import flatten_dict
+from ..utils import check_flag, flatten_dict
 from .base import BaseHook
 
 if TYPE_CHECKING:
@@ -101,10 +101,7 @@ class WandbHook(BaseHook):
                 )
         if config is not None and not isinstance(config, Mapping):
             raise TypeError(f"WandbHook.config must be a dict or None; got {type(config).__name__} {config!r}")
-        if not isinstance(resume_run, bool):
-            raise TypeError(
-                f"WandbHook.resume_run must be True or False; got {type(resume_run).__name__} {resume_run!r}"
-            )
+        check_flag("WandbHook.resume_run", resume_run)
         self.project = project
         self.name = name
         self.config = json_safe(config, non_finite_as_text=True) if config is not None else None
